@@ -1,0 +1,320 @@
+"""``estimate``: the local volume of an ``nn.Module`` (a classifier, a Hugging Face causal LM) on its data.
+
+The perturbed parameters are the model's trainable floating-point parameters (or the named subset
+``params``), flattened in ``named_parameters()`` order into the anchor theta0 (D,). A batch of parameter
+vectors is evaluated with ``torch.func.functional_call``, several probes per forward pass through
+``vmap`` where the model allows it, else one at a time; both give the same costs. The model's own
+weights are never written during a run, and its weights, buffers and train/eval modes are restored
+exactly afterwards, also after an exception or KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.func import functional_call, vmap
+
+from .data import Batch, prepare_batches
+from .fisher import fisher_diagonal
+from .neighborhoods import make_neighborhood, output_logits
+from .preconditioners import adam_preconditioner, normalize_preconditioner
+from .result import VolumeResult
+from .volume import check_cutoff, estimate_volume
+
+_PROBE_ELEMENTS = 1 << 25  # bound on probes x output elements in one vmapped forward
+
+
+def select_parameters(model: torch.nn.Module, params=None) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs to perturb: trainable floating-point ones, optionally restricted.
+
+    params: None (all), a list of names, or a predicate ``params(name, parameter) -> bool``.
+    Integer/complex parameters and frozen ones (requires_grad=False) are never perturbed.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+    if params is not None:
+        if callable(params):
+            named = [(n, p) for n, p in named if params(n, p)]
+        else:
+            wanted = [params] if isinstance(params, str) else list(params)
+            available = dict(named)
+            missing = [n for n in wanted if n not in available]
+            if missing:
+                raise ValueError(
+                    f"params names {missing} are not trainable floating-point parameters of the model; "
+                    f"available: {list(available)[:10]}{' ...' if len(available) > 10 else ''}"
+                )
+            named = [(n, available[n]) for n in dict.fromkeys(wanted)]
+    if not named:
+        raise ValueError(
+            "the model has no trainable floating-point parameters to perturb"
+            + (" among the selected params" if params is not None else "")
+        )
+    return named
+
+
+@contextlib.contextmanager
+def preserved_model(model: torch.nn.Module, device=None):
+    """Run in eval mode (on ``device``), then restore weights, buffers, modes and device exactly."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    original_device = next(iter(model.parameters())).device
+    try:
+        if device is not None and torch.device(device) != original_device:
+            model.to(device)
+        model.eval()
+        yield model
+    finally:
+        if device is not None and torch.device(device) != original_device:
+            model.to(original_device)
+        with torch.no_grad():
+            for name, value in model.state_dict(keep_vars=True).items():
+                if name in saved and not torch.equal(value.detach(), saved[name].to(value.device)):
+                    value.detach().copy_(saved[name])
+        for module, training in modes:
+            module.training = training
+
+
+class ModelCost:
+    """C(theta) of ``model`` on fixed batches for (k, D) parameter vectors: ``cost(thetas) -> (k,)``.
+
+    The anchor's outputs are computed once per batch and cached by the neighborhood.
+    """
+
+    def __init__(self, model, batches: list[Batch], neighborhood, named_params, use_vmap: bool = True):
+        self.model, self.batches, self.neighborhood = model, batches, neighborhood
+        self.names = [n for n, _ in named_params]
+        self.shapes = [p.shape for _, p in named_params]
+        self.dtypes = [p.dtype for _, p in named_params]
+        self.numels = [p.numel() for _, p in named_params]
+        dtype = self.dtypes[0]
+        for d in self.dtypes[1:]:
+            dtype = torch.promote_types(dtype, d)
+        self.anchor = torch.cat([p.detach().reshape(-1).to(dtype) for _, p in named_params])
+        self.dim = self.anchor.numel()
+        accepts = inspect.signature(model.forward).parameters
+        self._add_positions = "position_ids" in accepts
+        with torch.no_grad():
+            self.caches = [neighborhood.prepare(self.forward_plain(b), b) for b in batches]
+        self.total_weight = sum(c["weight"] for c in self.caches)
+        if not self.total_weight > 0:
+            raise ValueError("the evaluation data has no unmasked position (every attention_mask entry is 0)")
+        self.mode = "vmap" if use_vmap else "sequential"
+        self.fallback_reason = None
+        largest = max(c.get("log_probs", torch.empty(1)).numel() for c in self.caches)
+        self.probe_chunk = max(1, _PROBE_ELEMENTS // max(largest, 1))
+        self.n_forward = 0
+
+    def _kwargs(self, batch: Batch) -> dict:
+        kwargs = dict(batch.kwargs)
+        if self._add_positions and batch.mask is not None and "position_ids" not in kwargs:
+            # Positions count real tokens only, so left padding shifts nothing.
+            kwargs["position_ids"] = (batch.mask.long().cumsum(-1) - 1).clamp_min(0)
+        return kwargs
+
+    def forward_plain(self, batch: Batch):
+        return self.model(*batch.args, **self._kwargs(batch))
+
+    def params_of(self, theta: torch.Tensor) -> dict:
+        """Split (..., D) vectors into {name: (..., *shape)} views in each parameter's dtype."""
+        lead = theta.shape[:-1]
+        out, offset = {}, 0
+        for name, shape, dtype, n in zip(self.names, self.shapes, self.dtypes, self.numels):
+            out[name] = theta[..., offset : offset + n].reshape(*lead, *shape).to(dtype)
+            offset += n
+        return out
+
+    def _batch_cost(self, params: dict, batch: Batch, cache: dict) -> torch.Tensor:
+        outputs = functional_call(self.model, params, batch.args, self._kwargs(batch))
+        return self.neighborhood.batch_cost(outputs, batch, cache)
+
+    def _costs_vmap(self, thetas: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
+        for batch, cache in zip(self.batches, self.caches):
+            one = lambda params: self._batch_cost(params, batch, cache)  # noqa: E731
+            for lo in range(0, thetas.shape[0], self.probe_chunk):
+                chunk = thetas[lo : lo + self.probe_chunk]
+                total[lo : lo + chunk.shape[0]] += vmap(one, randomness="same")(self.params_of(chunk)).double()
+                self.n_forward += 1
+        return total
+
+    def _costs_sequential(self, thetas: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
+        for k in range(thetas.shape[0]):
+            params = self.params_of(thetas[k])
+            for batch, cache in zip(self.batches, self.caches):
+                total[k] += self._batch_cost(params, batch, cache).double()
+                self.n_forward += 1
+        return total
+
+    @torch.no_grad()
+    def __call__(self, thetas: torch.Tensor) -> torch.Tensor:
+        thetas = thetas.to(self.anchor.device)
+        if self.mode == "vmap":
+            try:
+                return self._costs_vmap(thetas) / self.total_weight
+            except Exception as error:  # noqa: BLE001 - any vmap failure means: evaluate one at a time
+                self.mode = "sequential"
+                self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return self._costs_sequential(thetas) / self.total_weight
+
+
+def _selected_optimizer_state(optimizer, model, named_params):
+    """An Adam state_dict restricted to the selected parameters, checked against their shapes."""
+    all_params = list(model.parameters())
+    position = {id(p): k for k, p in enumerate(all_params)}
+    ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+    if len(ids) != len(all_params):
+        raise ValueError(
+            f"the optimizer state_dict covers {len(ids)} parameters but the model has {len(all_params)}; "
+            "pass the optimizer (or state_dict) created for this model's parameters"
+        )
+    state, chosen = {}, []
+    for name, p in named_params:
+        sid = ids[position[id(p)]]
+        entry = optimizer["state"].get(sid)
+        if entry is None or "exp_avg_sq" not in entry:
+            raise ValueError(f"the optimizer state has no moments for parameter {name!r}; take it after a step")
+        if entry["exp_avg_sq"].numel() != p.numel():
+            raise ValueError(
+                f"the optimizer state for {name!r} has shape {tuple(entry['exp_avg_sq'].shape)} but the parameter "
+                f"has {tuple(p.shape)}: the optimizer belongs to other parameters"
+            )
+        state[sid] = entry
+        chosen.append(sid)
+    return {"state": state, "param_groups": [{"params": chosen}]}
+
+
+def resolve_preconditioner(preconditioner, optimizer, model, named_params, forward, batches, *, exponent, eps, passes, seed):
+    """The (D,) preconditioner tensor (or None) for ``estimate``, and what it cost."""
+    if preconditioner is None:
+        if optimizer is not None:
+            raise ValueError("optimizer= is used by preconditioner='adam'; pass preconditioner='adam' or drop it")
+        return None, {"name": "isotropic"}
+    params = [p for _, p in named_params]
+    dim = sum(p.numel() for p in params)
+    if isinstance(preconditioner, torch.Tensor):
+        if preconditioner.numel() != dim:
+            raise ValueError(f"preconditioner has {preconditioner.numel()} values but D = {dim}")
+        return normalize_preconditioner(preconditioner), {"name": "user"}
+    if preconditioner == "adam":
+        if optimizer is None:
+            raise ValueError("preconditioner='adam' needs optimizer= (a torch Adam/AdamW or its state_dict())")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            source = optimizer
+            missing = [n for n, p in named_params if not optimizer.state.get(p)]
+            if missing:
+                raise ValueError(
+                    f"the optimizer has no state for parameters {missing[:5]}: it optimizes other parameters "
+                    "or has not taken a step yet"
+                )
+        else:
+            source = _selected_optimizer_state(optimizer, model, named_params)
+        p = adam_preconditioner(source, params=params, exponent=exponent, eps=eps)
+        return p.to(params[0].device), {"name": "adam", "exponent": exponent, "eps": eps}
+    if preconditioner == "fisher":
+        started = time.perf_counter()
+        diagonal, n_backward = fisher_diagonal(forward, params, batches, passes=passes, seed=seed)
+        p = normalize_preconditioner(1.0 / (diagonal.double().pow(exponent) + eps), name="fisher preconditioner")
+        info = {"name": "fisher", "exponent": exponent, "eps": eps, "backward_passes": n_backward}
+        info["seconds"] = time.perf_counter() - started
+        return p.to(params[0].device), info
+    raise ValueError(f"preconditioner must be None, 'adam', 'fisher' or a (D,) tensor, got {preconditioner!r}")
+
+
+def estimate(
+    model: torch.nn.Module,
+    data,
+    *,
+    neighborhood: str = "kl",
+    loss_fn: Callable | None = None,
+    cutoff: float = 1e-2,
+    n_samples: int = 100,
+    measure: str = "gaussian",
+    sigma=None,
+    bounds=None,
+    preconditioner=None,
+    optimizer=None,
+    params: Sequence[str] | Callable | None = None,
+    seed: int = 0,
+    rtol: float = 1e-2,
+    batch_size: int | None = None,
+    progress: bool = True,
+    device=None,
+    preconditioner_exponent: float = 0.5,
+    preconditioner_eps: float = 1e-5,
+    fisher_passes: int = 16,
+    use_vmap: bool = True,
+) -> VolumeResult:
+    """Estimate the local volume of ``model`` around its current weights, in nats.
+
+    data: a tensor of inputs, an (inputs, targets) pair, an iterable/DataLoader of batches, or for
+        language models a dict / BatchEncoding with input_ids and attention_mask (padding is ignored).
+    neighborhood: "kl" (mean KL(anchor || perturbed) over examples / non-padding tokens; the anchor's
+        log-probabilities are computed once) or "loss" (loss_fn(outputs, targets) - its anchor value).
+    measure, sigma, bounds, seed, rtol, batch_size: as in ``estimate_volume``; sigma=None means the RMS
+        of the perturbed parameters (pass the initialization scale when known, as the paper does).
+    preconditioner: None, "adam" (with optimizer= a torch Adam/AdamW or its state_dict), "fisher"
+        (diagonal Fisher of the output distribution at the anchor from ``fisher_passes`` backward passes
+        with labels sampled from the anchor's own predictions), or a (D,) tensor.
+    params: names (or a predicate(name, param)) of the parameters to perturb; this sets D.
+    device: where to run (default: the model's device); the data is moved there with a note.
+    Returns a ``VolumeResult``; ``result.info`` holds timings, forward counts and the preconditioner's cost.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    nb = make_neighborhood(neighborhood, loss_fn)
+    check_cutoff(cutoff)
+    if not list(model.parameters()):
+        raise ValueError("the model has no parameters to perturb")
+    started = time.perf_counter()
+    with preserved_model(model, device):
+        run_device = next(iter(model.parameters())).device
+        named = select_parameters(model, params)
+        batches, notes = prepare_batches(data, run_device)
+        cost = ModelCost(model, batches, nb, named, use_vmap=use_vmap)
+        precond, precond_info = resolve_preconditioner(
+            preconditioner,
+            optimizer,
+            model,
+            named,
+            cost.forward_plain,
+            batches,
+            exponent=preconditioner_exponent,
+            eps=preconditioner_eps,
+            passes=fisher_passes,
+            seed=seed,
+        )
+        result = estimate_volume(
+            cost,
+            cost.anchor,
+            cutoff=cutoff,
+            n_samples=n_samples,
+            measure=measure,
+            sigma=sigma,
+            bounds=bounds,
+            preconditioner=precond,
+            seed=seed,
+            rtol=rtol,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    if cost.fallback_reason:
+        notes.append(f"vmap was not usable for this model ({cost.fallback_reason}); probes ran one at a time")
+    result.info["notes"] = result.info.get("notes", []) + notes
+    result.info.update(
+        seconds_total=time.perf_counter() - started,
+        forward_passes=cost.n_forward,
+        evaluation=cost.mode,
+        preconditioner=precond_info,
+    )
+    result.config.update(
+        neighborhood=nb.name,
+        parameters=cost.names if len(cost.names) <= 64 else len(cost.names),
+        model=type(model).__name__,
+    )
+    return result
+

@@ -1,0 +1,98 @@
+"""Neighborhood costs C(theta) of a model on evaluation batches (MATH.md, "The quantity").
+
+KL: the mean over evaluation positions (examples, or non-padding tokens) of KL(p_anchor || p_theta)
+over the last (class / vocabulary) dimension. Loss: L(theta) - L(theta0) for a user loss, the mean
+over examples. Each neighborhood caches what it needs from the anchor once (``prepare``) and then
+returns, per batch, the sum of its per-position costs (``batch_cost``), so that
+C = sum over batches of batch_cost / sum of ``weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def output_logits(outputs) -> torch.Tensor:
+    """The logits of a model's outputs: the tensor itself, or ``outputs.logits`` (Hugging Face)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(
+        f"the model returned {type(outputs).__name__}; the KL neighborhood needs a logits tensor or an object "
+        "with a .logits tensor"
+    )
+
+
+def _position_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None or logits.dim() < 3:
+        return None
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the logits have {tuple(logits.shape)}")
+    return mask
+
+
+class KLNeighborhood:
+    """C(theta) = mean over positions of KL(p_anchor || p_theta); the anchor's log-probs are cached."""
+
+    name = "kl"
+
+    def prepare(self, anchor_outputs, batch) -> dict:
+        logits = output_logits(anchor_outputs).detach()
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        mask = _position_mask(logits, batch.mask)
+        n_positions = logits[..., 0].numel() if mask is None else int(mask.sum())
+        return {"log_probs": log_probs, "mask": mask, "weight": float(n_positions)}
+
+    @staticmethod
+    def batch_cost(outputs, batch, cache: dict) -> torch.Tensor:
+        """Sum over the batch's positions of KL(anchor || outputs), float32 scalar."""
+        a = cache["log_probs"]
+        logits = output_logits(outputs).float()
+        per_position = (a.exp() * (a - torch.log_softmax(logits, dim=-1))).sum(-1)
+        if cache["mask"] is not None:
+            per_position = per_position * cache["mask"]
+        return per_position.sum()
+
+
+class LossNeighborhood:
+    """C(theta) = L(theta) - L(theta0), L the mean over examples of ``loss_fn(outputs, targets)``."""
+
+    name = "loss"
+
+    def __init__(self, loss_fn):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+
+    def prepare(self, anchor_outputs, batch) -> dict:
+        if batch.targets is None:
+            raise ValueError(
+                "the loss neighborhood needs targets: pass data as (inputs, targets) pairs or dicts with 'labels'"
+            )
+        anchor_loss = self._loss(anchor_outputs, batch).detach().double()
+        return {"anchor_loss": anchor_loss, "weight": float(batch.n_rows)}
+
+    def _loss(self, outputs, batch) -> torch.Tensor:
+        value = self.loss_fn(outputs, batch.targets)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError("loss_fn(outputs, targets) must return a scalar tensor (the mean loss of the batch)")
+        return value.reshape(())
+
+    def batch_cost(self, outputs, batch, cache: dict) -> torch.Tensor:
+        return (self._loss(outputs, batch).double() - cache["anchor_loss"]) * cache["weight"]
+
+
+def make_neighborhood(neighborhood: str, loss_fn):
+    if neighborhood == "kl":
+        if loss_fn is not None:
+            raise ValueError("loss_fn is used by neighborhood='loss'; pass neighborhood='loss' or drop loss_fn")
+        return KLNeighborhood()
+    if neighborhood == "loss":
+        if loss_fn is None:
+            raise ValueError("neighborhood='loss' needs loss_fn(outputs, targets), e.g. torch.nn.functional.cross_entropy")
+        return LossNeighborhood(loss_fn)
+    raise ValueError(f"neighborhood must be 'kl' or 'loss', got {neighborhood!r}")

@@ -1,0 +1,241 @@
+"""``estimate_volume``: the local volume of a cost function around an anchor, on the pure-PyTorch path.
+
+For each direction index i (the stream g(seed, i) of ``philox``), the unit direction is
+w_hat = P g / |P g|, its radius r solves C(theta0 + r w_hat) = eps (``search``), and its estimate is
+``measure.log_ray_measures(r) - D log|w| + log det P`` (``measures``). The volume is the log-mean-exp.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .measures import DirectionStats, make_measure
+from .ops import reference
+from .philox import gaussian_directions, seed_to_key
+from .preconditioners import log_det, normalize_preconditioner
+from .progress import ProgressBar
+from .result import VolumeResult
+from .search import CONVERGED, UNBOUNDED, search_radii
+
+CLIPPED = "clipped"  # a box-prior ray that stays inside the neighborhood until it leaves the box
+PILOT_DIRECTIONS = 8  # directions searched first; their typical radius starts every later search
+_DEFAULT_BATCH_ELEMENTS = 1 << 24  # batch_size=None keeps B * D near this many parameters
+
+
+def _check_anchor(anchor) -> torch.Tensor:
+    if not isinstance(anchor, torch.Tensor) or not anchor.is_floating_point():
+        raise TypeError(f"anchor must be a floating-point torch.Tensor, got {type(anchor).__name__}")
+    flat = anchor.detach().reshape(-1)
+    if flat.numel() == 0:
+        raise ValueError("anchor is empty: there are no parameters to perturb")
+    bad = ~torch.isfinite(flat)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise ValueError(
+            f"the anchor holds {int(bad.sum())} NaN/inf values (first at index {k}: {float(flat[k])!r}); "
+            "the local volume of a non-finite network is undefined"
+        )
+    return flat
+
+
+def check_cutoff(cutoff) -> float:
+    try:
+        value = float(cutoff)
+    except (TypeError, ValueError):
+        raise TypeError(f"cutoff must be a positive number, got {cutoff!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"cutoff must be finite and positive (eps in nats for the KL neighborhood), got {cutoff!r}")
+    return value
+
+
+def check_run_options(n_samples, rtol, batch_size, seed) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer (number of directions), got {n_samples!r}")
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be in (0, 1) (relative tolerance on |C - eps| / eps), got {rtol!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    seed_to_key(seed)
+
+
+def direction_batches(n_samples: int, batch_size: int, pilot: int = PILOT_DIRECTIONS):
+    """Index ranges: the pilot directions first, then the rest, each at most ``batch_size`` long.
+
+    The split depends on ``batch_size`` but the search of every direction does not: pilot directions
+    start from the initial radius and all others from the pilot's typical radius.
+    """
+    pilot = min(pilot, n_samples)
+    for lo, hi in ((0, pilot), (pilot, n_samples)):
+        for start in range(lo, hi, batch_size):
+            yield start, min(start + batch_size, hi)
+
+
+def typical_radius(radii: torch.Tensor, fallback: float) -> float:
+    """Geometric median of the finite positive radii (radii concentrate in high dimension)."""
+    good = radii[torch.isfinite(radii) & (radii > 0)]
+    return float(torch.exp(torch.log(good).median())) if good.numel() else fallback
+
+
+class DirectionBatch:
+    """Unit directions w_hat = P g / |P g| of a batch, materialized (D small enough to hold B x D)."""
+
+    def __init__(self, seed: int, indices: torch.Tensor, anchor: torch.Tensor, precond, measure):
+        g = gaussian_directions(seed, indices, anchor.numel(), device=anchor.device)
+        self.stats = DirectionStats.from_tensor(
+            reference.stats_of_values(g, anchor, precond, measure.weights, measure.bounds).cpu()
+        )
+        pg = g.double() if precond is None else g.double() * precond.double().reshape(1, -1)
+        self.unit = (pg / torch.linalg.vector_norm(pg, dim=1, keepdim=True)).to(anchor.dtype)
+
+    def points(self, anchor: torch.Tensor, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+        """theta0 + r w_hat for the given rows: (k, D) in the anchor's dtype."""
+        r = radii.to(device=anchor.device, dtype=torch.float64).reshape(-1, 1)
+        return (anchor.double().reshape(1, -1) + r * self.unit[rows.to(anchor.device)].double()).to(anchor.dtype)
+
+
+def estimate_volume(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    anchor: torch.Tensor,
+    *,
+    cutoff: float,
+    n_samples: int,
+    measure: str = "gaussian",
+    sigma=None,
+    bounds=None,
+    preconditioner: torch.Tensor | None = None,
+    seed: int = 0,
+    rtol: float = 1e-2,
+    batch_size: int | None = None,
+    progress: bool = False,
+    initial_radius: float = 1.0,
+    max_evals: int = 64,
+) -> VolumeResult:
+    """Estimate the local volume of {theta : fn(theta) <= cutoff} around ``anchor``.
+
+    fn: maps a (B, D) batch of parameter vectors to a (B,) tensor of costs, with fn(anchor) = 0.
+    anchor: (D,) (any shape; flattened) floating tensor. cutoff: eps > 0.
+    measure: "gaussian" (N(0, sigma^2 I) about the origin; sigma a scalar or (D,) tensor; None means the
+        RMS of the anchor - the paper recommends the initialization scale) or "uniform" (Lebesgue; with
+        ``bounds`` a scalar or (D,) half-widths, the normalized uniform prior on that box).
+    preconditioner: None (isotropic) or a positive (D,) diagonal, e.g. ``adam_preconditioner(...)``.
+    seed: direction i is always the same vector for the same seed (any batch size or device).
+    rtol: a radius is accepted when |C - eps| <= rtol * eps. initial_radius: first probe of the pilot.
+    Returns a ``VolumeResult`` (log volume in nats).
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a (B, D) batch -> (B,) costs), got {type(fn).__name__}")
+    flat = _check_anchor(anchor)
+    eps = check_cutoff(cutoff)
+    check_run_options(n_samples, rtol, batch_size, seed)
+    dim = flat.numel()
+    measure_obj = make_measure(measure, flat, sigma=sigma, bounds=bounds)
+    precond = None
+    if preconditioner is not None:
+        if not isinstance(preconditioner, torch.Tensor) or preconditioner.numel() != dim:
+            size = preconditioner.numel() if isinstance(preconditioner, torch.Tensor) else type(preconditioner).__name__
+            raise ValueError(f"preconditioner must be a (D,) = ({dim},) tensor of positive values, got {size}")
+        precond = normalize_preconditioner(preconditioner).to(flat.device)
+    log_det_p = log_det(precond)
+    if batch_size is None:
+        batch_size = max(1, min(n_samples, 256, _DEFAULT_BATCH_ELEMENTS // dim))
+
+    def costs_of(points: torch.Tensor) -> torch.Tensor:
+        out = fn(points)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(out)
+        if out.numel() != points.shape[0]:
+            raise ValueError(f"fn returned shape {tuple(out.shape)} for a batch of {points.shape[0]}; it must return (B,)")
+        return out.detach().reshape(-1).to("cpu", torch.float64)
+
+    anchor_cost = float(costs_of(flat.reshape(1, -1))[0])
+    if not (math.isfinite(anchor_cost) and abs(anchor_cost) <= 1e-3 * eps):
+        raise ValueError(
+            f"fn(anchor) = {anchor_cost!r}, but the cost must be 0 at the anchor (e.g. L(theta) - L(theta0) "
+            f"or KL(anchor || theta)) and far below the cutoff {eps!r}"
+        )
+
+    started = time.perf_counter()
+    pieces = []
+    bar = ProgressBar(n_samples, enabled=progress)
+    start_radius = float(initial_radius)
+    for lo, hi in direction_batches(n_samples, batch_size):
+        indices = torch.arange(lo, hi, dtype=torch.int64)
+        batch = DirectionBatch(seed, indices, flat, precond, measure_obj)
+        cap = measure_obj.radius_cap(batch.stats)
+        outcome = search_radii(
+            lambda rows, radii: costs_of(batch.points(flat, rows, radii)),
+            torch.full((hi - lo,), start_radius, dtype=torch.float64),
+            cap,
+            eps,
+            rtol=rtol,
+            max_evals=max_evals,
+        )
+        pieces.append((indices, batch.stats, outcome))
+        if hi == min(PILOT_DIRECTIONS, n_samples):
+            start_radius = typical_radius(torch.cat([p[2].radii for p in pieces]), float(initial_radius))
+        bar.update(hi - lo, evals=float(outcome.n_evals.double().mean()))
+    bar.close()
+    return _assemble(pieces, measure_obj, dim, eps, log_det_p, seed, rtol, time.perf_counter() - started, precond)
+
+
+def _assemble(pieces, measure_obj, dim, eps, log_det_p, seed, rtol, seconds, precond) -> VolumeResult:
+    indices = torch.cat([p[0] for p in pieces])
+    stats = DirectionStats(*(torch.cat([getattr(p[1], f) for p in pieces]) for f in DirectionStats.__dataclass_fields__))
+    radii = torch.cat([p[2].radii for p in pieces])
+    status = [s for p in pieces for s in p[2].status]
+    unbounded = torch.tensor([s == UNBOUNDED for s in status], dtype=torch.bool)
+    if measure_obj.is_box:
+        status = [CLIPPED if s == UNBOUNDED else s for s in status]
+    else:
+        radii = torch.where(unbounded, torch.full_like(radii, math.inf), radii)
+    props = stats.props
+    estimates = measure_obj.log_ray_measures(radii, stats) - dim * torch.log(props) + log_det_p
+    notes = []
+    if getattr(measure_obj, "outside_reason", None):
+        notes.append(measure_obj.outside_reason)
+    result = VolumeResult(
+        estimates=estimates,
+        radii=radii,
+        deltas=torch.cat([p[2].deltas for p in pieces]),
+        props=props,
+        status=status,
+        n_evals=torch.cat([p[2].n_evals for p in pieces]),
+        indices=indices,
+        nonmonotone=torch.cat([p[2].nonmonotone for p in pieces]),
+        dim=dim,
+        cutoff=eps,
+        measure=measure_obj.describe(),
+        config={"seed": seed, "rtol": rtol, "preconditioned": precond is not None},
+        info={"seconds": seconds, "notes": notes},
+    )
+    _warn_once(result, measure_obj)
+    return result
+
+
+def _warn_once(result: VolumeResult, measure_obj) -> None:
+    """One summary warning for every direction that did not simply converge."""
+    counts = {k: v for k, v in result.status_counts().items() if k != CONVERGED}
+    problems = []
+    for name, count in sorted(counts.items()):
+        if name == UNBOUNDED and measure_obj.name == "uniform":
+            problems.append(f"{count} never reached the cutoff (infinite Lebesgue volume)")
+        elif name in (UNBOUNDED, CLIPPED):
+            problems.append(f"{count} {name} (the ray stays inside until the measure runs out; handled exactly)")
+        else:
+            problems.append(f"{count} {name}")
+    if bool(result.nonmonotone.any()):
+        problems.append(f"{int(result.nonmonotone.sum())} with non-monotone costs (first crossing used)")
+    if result.info["notes"]:
+        problems.extend(result.info["notes"])
+    if problems:
+        warnings.warn(
+            f"local volume: of {result.n_samples} directions, " + "; ".join(problems) + ". See result.status.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
