@@ -20,7 +20,8 @@ from torch.func import functional_call, vmap
 
 from .data import Batch, prepare_batches
 from .fisher import fisher_diagonal
-from .neighborhoods import make_neighborhood, output_logits
+from .neighborhoods import make_neighborhood
+from .ops import get_backend
 from .preconditioners import adam_preconditioner, normalize_preconditioner
 from .result import VolumeResult
 from .volume import check_cutoff, estimate_volume
@@ -84,8 +85,11 @@ class ModelCost:
     The anchor's outputs are computed once per batch and cached by the neighborhood.
     """
 
-    def __init__(self, model, batches: list[Batch], neighborhood, named_params, use_vmap: bool = True):
-        self.model, self.batches, self.neighborhood = model, batches, neighborhood
+    def __init__(
+        self, model, batches: list[Batch], neighborhood, named_params, backend, use_vmap: bool = True, l2_reg: float = 0.0
+    ):
+        self.model, self.batches, self.neighborhood, self.backend = model, batches, neighborhood, backend
+        self.l2_reg = float(l2_reg)
         self.names = [n for n, _ in named_params]
         self.shapes = [p.shape for _, p in named_params]
         self.dtypes = [p.dtype for _, p in named_params]
@@ -127,17 +131,18 @@ class ModelCost:
             offset += n
         return out
 
-    def _batch_cost(self, params: dict, batch: Batch, cache: dict) -> torch.Tensor:
+    def _per_probe(self, params: dict, batch: Batch):
         outputs = functional_call(self.model, params, batch.args, self._kwargs(batch))
-        return self.neighborhood.batch_cost(outputs, batch, cache)
+        return self.neighborhood.per_probe(outputs, batch)
 
     def _costs_vmap(self, thetas: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
         for batch, cache in zip(self.batches, self.caches):
-            one = lambda params: self._batch_cost(params, batch, cache)  # noqa: E731
+            one = lambda params: self._per_probe(params, batch)  # noqa: E731
             for lo in range(0, thetas.shape[0], self.probe_chunk):
                 chunk = thetas[lo : lo + self.probe_chunk]
-                total[lo : lo + chunk.shape[0]] += vmap(one, randomness="same")(self.params_of(chunk)).double()
+                values = vmap(one, randomness="same")(self.params_of(chunk))
+                total[lo : lo + chunk.shape[0]] += self.neighborhood.combine(values, cache, self.backend)
                 self.n_forward += 1
         return total
 
@@ -146,23 +151,30 @@ class ModelCost:
         for k in range(thetas.shape[0]):
             params = self.params_of(thetas[k])
             for batch, cache in zip(self.batches, self.caches):
-                total[k] += self._batch_cost(params, batch, cache).double()
+                values = self._per_probe(params, batch).unsqueeze(0)
+                total[k] += self.neighborhood.combine(values, cache, self.backend)[0]
                 self.n_forward += 1
         return total
 
     @torch.no_grad()
     def __call__(self, thetas: torch.Tensor) -> torch.Tensor:
         thetas = thetas.to(self.anchor.device)
+        costs = None
         if self.mode == "vmap":
             try:
-                return self._costs_vmap(thetas) / self.total_weight
+                costs = self._costs_vmap(thetas) / self.total_weight
             except Exception as error:  # noqa: BLE001 - any vmap failure means: evaluate one at a time
                 self.mode = "sequential"
                 self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        return self._costs_sequential(thetas) / self.total_weight
+        if costs is None:
+            costs = self._costs_sequential(thetas) / self.total_weight
+        if self.l2_reg:
+            step = thetas.double() - self.anchor.double()
+            costs = costs + 0.5 * self.l2_reg * (step * step).sum(-1)
+        return costs
 
 
-def _selected_optimizer_state(optimizer, model, named_params):
+def selected_optimizer_state(optimizer, model, named_params):
     """An Adam state_dict restricted to the selected parameters, checked against their shapes."""
     all_params = list(model.parameters())
     position = {id(p): k for k, p in enumerate(all_params)}
@@ -212,7 +224,7 @@ def resolve_preconditioner(preconditioner, optimizer, model, named_params, forwa
                     "or has not taken a step yet"
                 )
         else:
-            source = _selected_optimizer_state(optimizer, model, named_params)
+            source = selected_optimizer_state(optimizer, model, named_params)
         p = adam_preconditioner(source, params=params, exponent=exponent, eps=eps)
         return p.to(params[0].device), {"name": "adam", "exponent": exponent, "eps": eps}
     if preconditioner == "fisher":
@@ -248,6 +260,8 @@ def estimate(
     preconditioner_eps: float = 1e-5,
     fisher_passes: int = 16,
     use_vmap: bool = True,
+    backend: str = "auto",
+    l2_reg: float = 0.0,
 ) -> VolumeResult:
     """Estimate the local volume of ``model`` around its current weights, in nats.
 
@@ -262,6 +276,9 @@ def estimate(
         with labels sampled from the anchor's own predictions), or a (D,) tensor.
     params: names (or a predicate(name, param)) of the parameters to perturb; this sets D.
     device: where to run (default: the model's device); the data is moved there with a note.
+    l2_reg: adds l2_reg / 2 * |theta - theta0|^2 to the cost (the reference package's ``l2_reg``).
+    backend: the kernels of the inner loop ("auto", "reference", "cpu", "cuda", "triton"; see
+        ``localvol_fast.available_backends()``); every backend gives the same directions.
     Returns a ``VolumeResult``; ``result.info`` holds timings, forward counts and the preconditioner's cost.
     """
     if not isinstance(model, torch.nn.Module):
@@ -275,7 +292,8 @@ def estimate(
         run_device = next(iter(model.parameters())).device
         named = select_parameters(model, params)
         batches, notes = prepare_batches(data, run_device)
-        cost = ModelCost(model, batches, nb, named, use_vmap=use_vmap)
+        ops = get_backend(backend, run_device)
+        cost = ModelCost(model, batches, nb, named, ops, use_vmap=use_vmap, l2_reg=l2_reg)
         precond, precond_info = resolve_preconditioner(
             preconditioner,
             optimizer,
@@ -301,6 +319,7 @@ def estimate(
             rtol=rtol,
             batch_size=batch_size,
             progress=progress,
+            backend=ops.name,
         )
     if cost.fallback_reason:
         notes.append(f"vmap was not usable for this model ({cost.fallback_reason}); probes ran one at a time")
@@ -312,7 +331,7 @@ def estimate(
         preconditioner=precond_info,
     )
     result.config.update(
-        neighborhood=nb.name,
+        neighborhood=nb.name + ("+l2" if l2_reg else ""),
         parameters=cost.names if len(cost.names) <= 64 else len(cost.names),
         model=type(model).__name__,
     )

@@ -2,9 +2,10 @@
 
 KL: the mean over evaluation positions (examples, or non-padding tokens) of KL(p_anchor || p_theta)
 over the last (class / vocabulary) dimension. Loss: L(theta) - L(theta0) for a user loss, the mean
-over examples. Each neighborhood caches what it needs from the anchor once (``prepare``) and then
-returns, per batch, the sum of its per-position costs (``batch_cost``), so that
-C = sum over batches of batch_cost / sum of ``weight``.
+over examples. Each neighborhood caches what it needs from the anchor once (``prepare``); per batch,
+``per_probe`` runs inside the (vmapped) forward of each probe and ``combine`` turns the stacked
+values of k probes into k sums of per-position costs, so that
+C = sum over batches of those sums / sum of ``weight``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def _position_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 
 
 class KLNeighborhood:
-    """C(theta) = mean over positions of KL(p_anchor || p_theta); the anchor's log-probs are cached."""
+    """C(theta) = mean over positions of KL(p_anchor || p_theta); the anchor's log-probs are cached.
+
+    Inside the (vmapped) forward only the logits are kept; the KL of all probes is then one call of the
+    backend's ``kl_against_anchor`` kernel, which never materializes a log-softmax of the logits.
+    """
 
     name = "kl"
 
@@ -45,17 +50,26 @@ class KLNeighborhood:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         mask = _position_mask(logits, batch.mask)
         n_positions = logits[..., 0].numel() if mask is None else int(mask.sum())
-        return {"log_probs": log_probs, "mask": mask, "weight": float(n_positions)}
+        vocab = logits.shape[-1]
+        return {
+            "log_probs": log_probs.reshape(1, -1, vocab),
+            "mask": None if mask is None else mask.reshape(1, -1),
+            "weight": float(n_positions),
+        }
 
     @staticmethod
-    def batch_cost(outputs, batch, cache: dict) -> torch.Tensor:
-        """Sum over the batch's positions of KL(anchor || outputs), float32 scalar."""
-        a = cache["log_probs"]
-        logits = output_logits(outputs).float()
-        per_position = (a.exp() * (a - torch.log_softmax(logits, dim=-1))).sum(-1)
-        if cache["mask"] is not None:
-            per_position = per_position * cache["mask"]
-        return per_position.sum()
+    def per_probe(outputs, batch):
+        return output_logits(outputs)
+
+    @staticmethod
+    def combine(logits: torch.Tensor, cache: dict, backend) -> torch.Tensor:
+        """Sum over positions of KL(anchor || softmax(logits)) for each probe: logits (k, ...) -> (k,)."""
+        k = logits.shape[0]
+        flat = logits.reshape(k, -1, logits.shape[-1])
+        anchor = cache["log_probs"].expand(k, -1, -1)
+        mask = None if cache["mask"] is None else cache["mask"].expand(k, -1)
+        positions = flat.shape[1] if mask is None else cache["weight"]
+        return backend.kl_against_anchor(flat, anchor, mask).double() * positions
 
 
 class LossNeighborhood:
@@ -73,17 +87,18 @@ class LossNeighborhood:
             raise ValueError(
                 "the loss neighborhood needs targets: pass data as (inputs, targets) pairs or dicts with 'labels'"
             )
-        anchor_loss = self._loss(anchor_outputs, batch).detach().double()
+        anchor_loss = self.per_probe(anchor_outputs, batch).detach().double()
         return {"anchor_loss": anchor_loss, "weight": float(batch.n_rows)}
 
-    def _loss(self, outputs, batch) -> torch.Tensor:
+    def per_probe(self, outputs, batch) -> torch.Tensor:
         value = self.loss_fn(outputs, batch.targets)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError("loss_fn(outputs, targets) must return a scalar tensor (the mean loss of the batch)")
         return value.reshape(())
 
-    def batch_cost(self, outputs, batch, cache: dict) -> torch.Tensor:
-        return (self._loss(outputs, batch).double() - cache["anchor_loss"]) * cache["weight"]
+    @staticmethod
+    def combine(losses: torch.Tensor, cache: dict, backend) -> torch.Tensor:
+        return (losses.double() - cache["anchor_loss"]) * cache["weight"]
 
 
 def make_neighborhood(neighborhood: str, loss_fn):

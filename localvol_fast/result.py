@@ -118,7 +118,7 @@ class VolumeResult:
             f"  95% interval    [{low:.6g}, {high:.6g}] nats   (log10 [{low / ln10:.6g}, {high / ln10:.6g}])",
             f"  effective sample size {self.effective_sample_size:.3g} of {self.n_samples}",
             f"  evaluations per direction {self.evals_per_direction:.3g}",
-            f"  status  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.status_counts().items())),
+            "  status  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.status_counts().items())),
         ]
         if bool(self.nonmonotone.any()):
             lines.append(f"  non-monotone costs seen on {int(self.nonmonotone.sum())} directions")

@@ -1,7 +1,14 @@
 """Shared fixtures: small models trained or built in-process (no downloads)."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be set
+# before triton is first imported (by any test module or by torch._dynamo), so it is set here.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

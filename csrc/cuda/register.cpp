@@ -1,0 +1,159 @@
+// The CUDA kernels' host side: argument checks, allocation, dtype dispatch, the current stream, and
+// TORCH_LIBRARY_IMPL(localvol, CUDA, m). Plain C++ (the host compiler), so that the torch dispatcher
+// headers are parsed once by g++ instead of by nvcc in every .cu file (the kernels: *.cu, launchers.h).
+// Direction indices are not checked for negative values here: that would synchronize with the GPU
+// (a negative index is read as its uint64 bits).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../op_checks.h"
+#include "launchers.h"
+
+namespace localvol {
+namespace {
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+at::Tensor philox_bits_cuda(int64_t seed, const at::Tensor& indices, int64_t start, int64_t length) {
+  check_range("philox_bits", start, length);
+  const c10::cuda::CUDAGuard guard(indices.device());
+  const at::Tensor idx = checked_indices("philox_bits", indices);
+  at::Tensor out = at::empty({idx.numel(), length}, idx.options().dtype(at::kLong));
+  cuda::launch_philox_bits(seed_bits(seed), idx.const_data_ptr<int64_t>(), idx.numel(), start, length,
+                           out.mutable_data_ptr<int64_t>(), current_stream());
+  return out;
+}
+
+at::Tensor gaussian_cuda(int64_t seed, const at::Tensor& indices, int64_t start, int64_t length) {
+  check_range("gaussian", start, length);
+  const c10::cuda::CUDAGuard guard(indices.device());
+  const at::Tensor idx = checked_indices("gaussian", indices);
+  at::Tensor out = at::empty({idx.numel(), length}, idx.options().dtype(at::kFloat));
+  cuda::launch_gaussian(seed_bits(seed), idx.const_data_ptr<int64_t>(), idx.numel(), start, length,
+                        out.mutable_data_ptr<float>(), current_stream());
+  return out;
+}
+
+at::Tensor direction_stats_cuda(int64_t seed, const at::Tensor& indices, const at::Tensor& anchor,
+                                const std::optional<at::Tensor>& precond, const std::optional<at::Tensor>& weights,
+                                const std::optional<at::Tensor>& bounds, int64_t start) {
+  const char* op = "direction_stats";
+  TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
+                   anchor.scalar_type());
+  const int64_t n = anchor.numel();
+  check_range(op, start, n);
+  check_same_device(op, "indices", indices, anchor);
+  const c10::cuda::CUDAGuard guard(anchor.device());
+  const at::Tensor idx = checked_indices(op, indices);
+  const int64_t rows = idx.numel();
+  TORCH_CHECK_VALUE(rows <= INT32_MAX, op, ": at most 2^31 - 1 directions per call, got ", rows);
+  const at::ScalarType dtype = working_dtype(anchor, {precond, weights, bounds});
+  const at::Tensor x = anchor.reshape({-1}).to(dtype).contiguous();
+  const at::Tensor p = checked_vector(op, "precond", precond, n, dtype, anchor);
+  const at::Tensor w = checked_vector(op, "weights", weights, n, dtype, anchor);
+  const at::Tensor b = checked_vector(op, "bounds", bounds, n, dtype, anchor);
+  at::Tensor out = at::empty({rows, 5}, idx.options().dtype(at::kDouble));
+  if (rows == 0) return out;
+  const int64_t parts = cuda::direction_stats_parts(rows, n);
+  at::Tensor workspace = at::empty({rows, parts, 5}, idx.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "direction_stats", [&] {
+    cuda::launch_direction_stats<scalar_t>(
+        seed_bits(seed), idx.const_data_ptr<int64_t>(), rows, start, n, x.const_data_ptr<scalar_t>(),
+        static_cast<const scalar_t*>(data_or_null(p)), static_cast<const scalar_t*>(data_or_null(w)),
+        static_cast<const scalar_t*>(data_or_null(b)), parts, workspace.mutable_data_ptr<double>(),
+        out.mutable_data_ptr<double>(), current_stream());
+  });
+  return out;
+}
+
+at::Tensor& perturb_cuda(at::Tensor& out, const at::Tensor& anchor, const std::optional<at::Tensor>& precond,
+                         int64_t seed, const at::Tensor& indices, const at::Tensor& scales, int64_t start) {
+  const char* op = "perturb_";
+  TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
+                   anchor.scalar_type());
+  const int64_t n = anchor.numel();
+  check_range(op, start, n);
+  check_same_device(op, "anchor", anchor, out);
+  check_same_device(op, "indices", indices, out);
+  check_same_device(op, "scales", scales, out);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor idx = checked_indices(op, indices);
+  const int64_t rows = idx.numel();
+  TORCH_CHECK_VALUE(scales.numel() == rows, op, ": scales must have one value per direction (", rows,
+                    "), got shape ", scales.sizes());
+  const RowLayout layout = perturb_out_layout(out, rows, n);
+  const at::ScalarType dtype = working_dtype(anchor, {precond});
+  const at::Tensor x = anchor.reshape({-1}).to(dtype).contiguous();
+  const at::Tensor p = checked_vector(op, "precond", precond, n, dtype, anchor);
+  const at::Tensor s = scales.reshape({-1}).to(at::kDouble).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "perturb_", [&] {
+    using out_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "perturb_", [&] {
+      cuda::launch_perturb<out_t, scalar_t>(seed_bits(seed), idx.const_data_ptr<int64_t>(), rows, start, n,
+                                            x.const_data_ptr<scalar_t>(),
+                                            static_cast<const scalar_t*>(data_or_null(p)), s.const_data_ptr<double>(),
+                                            out.mutable_data_ptr<out_t>(), layout.row_stride, layout.col_stride,
+                                            current_stream());
+    });
+  });
+  return out;
+}
+
+at::Tensor kl_against_anchor_cuda(const at::Tensor& logits_in, const at::Tensor& anchor_in,
+                                  const std::optional<at::Tensor>& mask_in) {
+  const char* op = "kl_against_anchor";
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 || logits_in.dim() == 3, op, ": logits must be (N, T, V) or (N, V), got ",
+                    logits_in.sizes());
+  TORCH_CHECK_VALUE(anchor_in.sizes() == logits_in.sizes(), op, ": anchor_logprobs must match logits ",
+                    logits_in.sizes(), ", got ", anchor_in.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(logits_in.scalar_type()) && at::isFloatingType(anchor_in.scalar_type()), op,
+                   ": logits and anchor_logprobs must be floating, got ", logits_in.scalar_type(), " and ",
+                   anchor_in.scalar_type());
+  check_same_device(op, "anchor_logprobs", anchor_in, logits_in);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  // (N, V) is (N, 1, V); outer dims keep their strides, only the vocabulary must be contiguous.
+  at::Tensor logits = logits_in.dim() == 2 ? logits_in.unsqueeze(1) : logits_in;
+  at::Tensor anchor = anchor_in.dim() == 2 ? anchor_in.unsqueeze(1) : anchor_in;
+  if (logits.stride(2) != 1) logits = logits.contiguous();
+  if (anchor.stride(2) != 1) anchor = anchor.contiguous();
+  const int64_t rows = logits.size(0), positions = logits.size(1), vocab = logits.size(2);
+  TORCH_CHECK_VALUE(rows * positions <= INT32_MAX, op, ": at most 2^31 - 1 positions, got ", rows * positions);
+
+  at::Tensor mask;
+  if (mask_in.has_value() && mask_in->defined()) {
+    TORCH_CHECK_VALUE(mask_in->numel() == rows * positions, op, ": mask must be (N, T) = (", rows, ", ", positions,
+                      "), got shape ", mask_in->sizes());
+    check_same_device(op, "mask", *mask_in, logits_in);
+    mask = mask_in->reshape({rows, positions}).to(at::kFloat).contiguous();
+  }
+  const float* m = mask.defined() ? mask.const_data_ptr<float>() : nullptr;
+  at::Tensor per_position = at::empty({rows, positions}, logits.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "kl_against_anchor", [&] {
+    using logit_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, anchor.scalar_type(), "kl_against_anchor", [&] {
+      cuda::launch_position_kl<logit_t, scalar_t>(logits.const_data_ptr<logit_t>(), anchor.const_data_ptr<scalar_t>(),
+                                                  m, rows, positions, vocab, logits.stride(0), logits.stride(1),
+                                                  anchor.stride(0), anchor.stride(1),
+                                                  per_position.mutable_data_ptr<float>(), current_stream());
+    });
+  });
+  cuda::launch_masked_mean(per_position.const_data_ptr<float>(), m, rows, positions, out.mutable_data_ptr<float>(),
+                           current_stream());
+  return out;
+}
+
+}  // namespace
+}  // namespace localvol
+
+TORCH_LIBRARY_IMPL(localvol, CUDA, m) {
+  m.impl("philox_bits", &localvol::philox_bits_cuda);
+  m.impl("gaussian", &localvol::gaussian_cuda);
+  m.impl("direction_stats", &localvol::direction_stats_cuda);
+  m.impl("perturb_", &localvol::perturb_cuda);
+  m.impl("kl_against_anchor", &localvol::kl_against_anchor_cuda);
+}

@@ -1,0 +1,87 @@
+// Argument checks and preparation shared by the CPU and CUDA kernels (host code only).
+// Errors name the bad value; TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface as ValueError / TypeError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+
+namespace localvol {
+
+// Seeds live in [0, 2^64) but the schema carries them as int (int64): reinterpret the bits.
+inline uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
+
+inline void check_range(const char* op, int64_t start, int64_t length) {
+  TORCH_CHECK_VALUE(start >= 0, op, ": start must be >= 0, got ", start);
+  TORCH_CHECK_VALUE(length >= 0, op, ": length must be >= 0, got ", length);
+  TORCH_CHECK_VALUE(start <= (INT64_MAX - 4) - length, op, ": start + length overflows int64 (start=", start,
+                    ", length=", length, ")");
+}
+
+// Direction indices as a contiguous int64 (B,) tensor.
+inline at::Tensor checked_indices(const char* op, const at::Tensor& indices) {
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() <= 1, op, ": indices must have shape (B,), got ", indices.sizes());
+  return indices.reshape({-1}).contiguous();
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the other inputs are on ",
+              like.device(), "; move it there first");
+}
+
+// float64 if any per-parameter vector is float64, else float32: the type the kernels read them in.
+inline at::ScalarType working_dtype(const at::Tensor& anchor, std::initializer_list<std::optional<at::Tensor>> others) {
+  bool any_double = anchor.scalar_type() == at::kDouble;
+  for (const auto& t : others) any_double = any_double || (t.has_value() && t->scalar_type() == at::kDouble);
+  return any_double ? at::kDouble : at::kFloat;
+}
+
+// A per-parameter vector of n elements as a contiguous (n,) tensor of `dtype` on `like`'s device.
+// Returns an undefined tensor when `t` is absent. Costs at most one O(n) copy.
+inline at::Tensor checked_vector(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t n,
+                                 at::ScalarType dtype, const at::Tensor& like) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+                   t->scalar_type());
+  TORCH_CHECK_VALUE(t->numel() == n, op, ": ", name, " must have ", n, " elements (like anchor), got shape ",
+                    t->sizes());
+  check_same_device(op, name, *t, like);
+  return t->reshape({-1}).to(dtype).contiguous();
+}
+
+inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// The Philox blocks covering elements [start, start + length): [first, first + count).
+struct BlockRange {
+  int64_t first;
+  int64_t count;
+};
+
+inline BlockRange block_range(int64_t start, int64_t length) {
+  const int64_t first = start / 4;
+  return {first, length == 0 ? 0 : (start + length + 3) / 4 - first};
+}
+
+// out[b] viewed as a (B, n) matrix: its two strides, or an error naming the accepted layouts.
+struct RowLayout {
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+inline RowLayout perturb_out_layout(const at::Tensor& out, int64_t rows, int64_t n) {
+  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "perturb_: out must be a floating tensor, got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.numel() == rows * n, "perturb_: out must hold (B, n) = (", rows, ", ", n,
+                    ") elements, got shape ", out.sizes());
+  if (out.dim() == 2 && out.size(0) == rows && out.size(1) == n) return {out.stride(0), out.stride(1)};
+  if (out.dim() == 1 && rows == 1) return {0, out.stride(0)};
+  TORCH_CHECK_VALUE(out.is_contiguous(), "perturb_: out of shape ", out.sizes(),
+                    " must be (B, n), (n,) or contiguous; pass out.view(B, n)");
+  return {n, 1};
+}
+
+}  // namespace localvol
