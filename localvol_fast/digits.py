@@ -93,6 +93,6 @@ def train_digits(
         (loss + penalty).backward()
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
-            run.history.append((step + 1, float(loss), run.accuracy()))
+            run.history.append((step + 1, float(loss.detach()), run.accuracy()))
     model.eval()
     return run

@@ -11,6 +11,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +20,7 @@ from .ops import get_backend
 from .philox import seed_to_key
 from .preconditioners import log_det, normalize_preconditioner
 from .progress import ProgressBar
-from .result import VolumeResult
+from .result import VolumeResult, log_mean_exp
 from .search import CONVERGED, UNBOUNDED, search_radii
 
 CLIPPED = "clipped"  # a box-prior ray that stays inside the neighborhood until it leaves the box
@@ -175,59 +176,77 @@ def estimate_volume(
         )
 
     started = time.perf_counter()
-    pieces = []
+    records: list[DirectionRecords] = []
     bar = ProgressBar(n_samples, enabled=progress)
     start_radius = float(initial_radius)
     for lo, hi in direction_batches(n_samples, batch_size):
         indices = torch.arange(lo, hi, dtype=torch.int64)
         batch = DirectionBatch(ops, seed, indices, flat, precond, weights, bounds_vector)
-        cap = measure_obj.radius_cap(batch.stats)
         outcome = search_radii(
             lambda rows, radii: costs_of(batch.points(flat, rows, radii)),
             torch.full((hi - lo,), start_radius, dtype=torch.float64),
-            cap,
+            measure_obj.radius_cap(batch.stats),
             eps,
             rtol=rtol,
             max_evals=max_evals,
         )
-        pieces.append((indices, batch.stats, outcome))
+        records.append(DirectionRecords.of_search(indices, batch.stats, outcome, measure_obj, log_det_p))
         if hi == min(PILOT_DIRECTIONS, n_samples):
-            start_radius = typical_radius(torch.cat([p[2].radii for p in pieces]), float(initial_radius))
-        bar.update(hi - lo, evals=float(outcome.n_evals.double().mean()))
+            start_radius = typical_radius(torch.cat([r.radii for r in records]), float(initial_radius))
+        running = log_mean_exp(torch.cat([r.estimates for r in records]))
+        bar.update(hi - lo, evals=float(outcome.n_evals.double().mean()), log_volume=running)
     bar.close()
-    result = _assemble(pieces, measure_obj, dim, eps, log_det_p, seed, rtol, time.perf_counter() - started, precond)
-    result.config["backend"] = ops.name
+    result = _assemble(DirectionRecords.concat(records), measure_obj, dim, eps, time.perf_counter() - started)
+    result.config.update(seed=seed, rtol=rtol, preconditioned=precond is not None, backend=ops.name)
     return result
 
 
-def _assemble(pieces, measure_obj, dim, eps, log_det_p, seed, rtol, seconds, precond) -> VolumeResult:
-    indices = torch.cat([p[0] for p in pieces])
-    stats = DirectionStats(*(torch.cat([getattr(p[1], f) for p in pieces]) for f in DirectionStats.__dataclass_fields__))
-    radii = torch.cat([p[2].radii for p in pieces])
-    status = [s for p in pieces for s in p[2].status]
-    unbounded = torch.tensor([s == UNBOUNDED for s in status], dtype=torch.bool)
-    if measure_obj.is_box:
-        status = [CLIPPED if s == UNBOUNDED else s for s in status]
-    else:
-        radii = torch.where(unbounded, torch.full_like(radii, math.inf), radii)
-    props = stats.props
-    estimates = measure_obj.log_ray_measures(radii, stats) - dim * torch.log(props) + log_det_p
-    notes = []
-    if getattr(measure_obj, "outside_reason", None):
-        notes.append(measure_obj.outside_reason)
+@dataclass
+class DirectionRecords:
+    """Finished directions (each field (n,)): what a run keeps of each, in the order they finished."""
+
+    indices: torch.Tensor
+    estimates: torch.Tensor
+    radii: torch.Tensor
+    deltas: torch.Tensor
+    props: torch.Tensor
+    n_evals: torch.Tensor
+    nonmonotone: torch.Tensor
+    status: list[str]
+
+    @classmethod
+    def of_search(cls, indices, stats: DirectionStats, outcome, measure_obj, log_det_p: float) -> "DirectionRecords":
+        """Estimates of searched directions: log ray measure - D log|P u| + log det P."""
+        unbounded = torch.tensor([s == UNBOUNDED for s in outcome.status], dtype=torch.bool)
+        radii, status = outcome.radii, list(outcome.status)
+        if measure_obj.is_box:  # the ray ends at the box: the radius is its exit point
+            status = [CLIPPED if s == UNBOUNDED else s for s in status]
+        else:
+            radii = torch.where(unbounded, torch.full_like(radii, math.inf), radii)
+        props = stats.props
+        estimates = measure_obj.log_ray_measures(radii, stats) - measure_obj.dim * torch.log(props) + log_det_p
+        return cls(indices, estimates, radii, outcome.deltas, props, outcome.n_evals, outcome.nonmonotone, status)
+
+    @classmethod
+    def concat(cls, parts: list["DirectionRecords"]) -> "DirectionRecords":
+        tensors = {f: torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__ if f != "status"}
+        return cls(**tensors, status=[s for p in parts for s in p.status])
+
+
+def _assemble(records: DirectionRecords, measure_obj, dim: int, eps: float, seconds: float) -> VolumeResult:
+    notes = [measure_obj.outside_reason] if getattr(measure_obj, "outside_reason", None) else []
     result = VolumeResult(
-        estimates=estimates,
-        radii=radii,
-        deltas=torch.cat([p[2].deltas for p in pieces]),
-        props=props,
-        status=status,
-        n_evals=torch.cat([p[2].n_evals for p in pieces]),
-        indices=indices,
-        nonmonotone=torch.cat([p[2].nonmonotone for p in pieces]),
+        estimates=records.estimates,
+        radii=records.radii,
+        deltas=records.deltas,
+        props=records.props,
+        status=records.status,
+        n_evals=records.n_evals,
+        indices=records.indices,
+        nonmonotone=records.nonmonotone,
         dim=dim,
         cutoff=eps,
         measure=measure_obj.describe(),
-        config={"seed": seed, "rtol": rtol, "preconditioned": precond is not None},
         info={"seconds": seconds, "notes": notes},
     )
     _warn_once(result, measure_obj)
