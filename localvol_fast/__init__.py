@@ -7,6 +7,7 @@ Network at Random"); its negative log is the network's information content, in n
 
 from .measures import GaussianMeasure, UniformMeasure, make_measure
 from .models import estimate, select_parameters
+from .ops import available_backends
 from .philox import gaussian_directions
 from .preconditioners import adam_preconditioner, normalize_preconditioner
 from .radial import log_ball_volume, log_radial_integral, log_sphere_area
@@ -21,6 +22,7 @@ __all__ = [
     "UniformMeasure",
     "VolumeResult",
     "adam_preconditioner",
+    "available_backends",
     "estimate",
     "estimate_volume",
     "gaussian_directions",

@@ -24,7 +24,7 @@ from .neighborhoods import make_neighborhood
 from .ops import get_backend
 from .preconditioners import adam_preconditioner, normalize_preconditioner
 from .result import VolumeResult
-from .volume import check_cutoff, estimate_volume
+from .volume import PointCost, check_cutoff, estimate_volume
 
 _PROBE_ELEMENTS = 1 << 25  # bound on probes x output elements in one vmapped forward
 
@@ -79,8 +79,8 @@ def preserved_model(model: torch.nn.Module, device=None):
             module.training = training
 
 
-class ModelCost:
-    """C(theta) of ``model`` on fixed batches for (k, D) parameter vectors: ``cost(thetas) -> (k,)``.
+class ModelCost(PointCost):
+    """C(theta) of ``model`` on fixed batches for (k, D) parameter vectors: ``costs(thetas) -> (k,)``.
 
     The anchor's outputs are computed once per batch and cached by the neighborhood.
     """
@@ -88,6 +88,7 @@ class ModelCost:
     def __init__(
         self, model, batches: list[Batch], neighborhood, named_params, backend, use_vmap: bool = True, l2_reg: float = 0.0
     ):
+        super().__init__(self._model_costs)
         self.model, self.batches, self.neighborhood, self.backend = model, batches, neighborhood, backend
         self.l2_reg = float(l2_reg)
         self.names = [n for n, _ in named_params]
@@ -157,7 +158,7 @@ class ModelCost:
         return total
 
     @torch.no_grad()
-    def __call__(self, thetas: torch.Tensor) -> torch.Tensor:
+    def _model_costs(self, thetas: torch.Tensor) -> torch.Tensor:
         thetas = thetas.to(self.anchor.device)
         costs = None
         if self.mode == "vmap":
@@ -293,7 +294,13 @@ def estimate(
         named = select_parameters(model, params)
         batches, notes = prepare_batches(data, run_device)
         ops = get_backend(backend, run_device)
-        cost = ModelCost(model, batches, nb, named, ops, use_vmap=use_vmap, l2_reg=l2_reg)
+        cost_class = ModelCost
+        if use_vmap:  # use_vmap=False asks for the plain one-probe-at-a-time path
+            from .fast_mlp import SequentialMLPCost
+
+            if SequentialMLPCost.supports(model, batches, named):
+                cost_class = SequentialMLPCost
+        cost = cost_class(model, batches, nb, named, ops, use_vmap=use_vmap, l2_reg=l2_reg)
         precond, precond_info = resolve_preconditioner(
             preconditioner,
             optimizer,

@@ -39,21 +39,23 @@ _BRACKET_COLLAPSED = 1e-12  # log-width of a bracket that cannot shrink further
 
 @dataclass
 class SearchOutcome:
-    """Per direction (B,): radius, cost at the last probe, status name, evaluations, non-monotone flag."""
+    """Per direction (B,): radius, cost at the last probe, status name, evaluations, non-monotone flag,
+    and the local log-log slope of C at the radius (NaN where the search did not converge)."""
 
     radii: torch.Tensor
     deltas: torch.Tensor
     status: list[str]
     n_evals: torch.Tensor
     nonmonotone: torch.Tensor
+    slopes: torch.Tensor
 
 
-def _local_slope(t1, c1, t2, c2):
-    """log-log slope between two probes, the default where it is undefined or implausible."""
+def _local_slope(t1, c1, t2, c2, default: float = _DEFAULT_SLOPE):
+    """log-log slope between two probes, ``default`` where it is undefined or implausible."""
     with torch.no_grad():
         slope = torch.log(c1 / c2) / torch.log(t1 / t2)
     ok = torch.isfinite(slope) & (slope > 0.05)
-    return torch.where(ok, slope.clamp(0.25, 16.0), torch.full_like(slope, _DEFAULT_SLOPE))
+    return torch.where(ok, slope.clamp(0.25, 16.0), torch.full_like(slope, default))
 
 
 def search_radii(
@@ -64,11 +66,14 @@ def search_radii(
     *,
     rtol: float = 1e-2,
     max_evals: int = 64,
+    slope_hint: float = _DEFAULT_SLOPE,
 ) -> SearchOutcome:
     """Find the radii of a batch of directions.
 
     evaluate(rows, radii): costs (k,) at theta0 + radii * w_hat[rows]; rows int64 (k,), radii float64 (k,).
     initial: (B,) first probe; cap: (B,) largest radius worth probing (inf allowed).
+    slope_hint: the log-log slope of C assumed until a direction has measured its own (2 near the
+    anchor; the estimator passes the typical slope its first directions found at the cutoff).
     """
     eps = float(cutoff)
     cap = cap.double().clone()
@@ -88,6 +93,7 @@ def search_radii(
     status = torch.full((n,), -1, dtype=torch.int64)
     n_evals = torch.zeros(n, dtype=torch.int64)
     nonmonotone = torch.zeros(n, dtype=torch.bool)
+    slopes = torch.full((n,), math.nan, dtype=torch.float64)
 
     active = torch.arange(n)
     while active.numel():
@@ -113,8 +119,9 @@ def search_radii(
             use_lo = torch.where(ch > eps, lo_ok | ~hi_ok, ~hi_ok)  # prefer the end across eps
             t_end = torch.where(use_lo, lo_t[rows], hi_t[rows])
             c_end = torch.where(use_lo, lo_c[rows], hi_c[rows])
-            slope = _local_slope(th, ch, t_end, c_end)
+            slope = _local_slope(th, ch, t_end, c_end, slope_hint)
             radii[rows] = th * (eps / ch) ** (1.0 / slope)
+            slopes[rows] = slope
             deltas[rows] = ch
             status[rows] = STATUS_NAMES.index(CONVERGED)
 
@@ -161,12 +168,14 @@ def search_radii(
             deltas[d] = torch.where(best_lo | ~torch.isfinite(hi_c[d]), lo_c[d], hi_c[d])
         rows = rows[~done]
 
-        probe[rows] = _next_probe(rows, lo_t, lo_c, hi_t, hi_c, hi_known, lo_weight, hi_weight, prev_t, prev_c, cap, eps)
+        probe[rows] = _next_probe(
+            rows, lo_t, lo_c, hi_t, hi_c, hi_known, lo_weight, hi_weight, prev_t, prev_c, cap, eps, slope_hint
+        )
         prev_t[rows_p], prev_c[rows_p] = t[prev_ok], c[prev_ok]
         active = rows
 
     names = [STATUS_NAMES[k] for k in status.tolist()]
-    return SearchOutcome(radii, deltas, names, n_evals, nonmonotone)
+    return SearchOutcome(radii, deltas, names, n_evals, nonmonotone, slopes)
 
 
 def _bracket_estimate(lo_t, lo_c, hi_t, hi_c, hi_known, eps):
@@ -180,20 +189,20 @@ def _bracket_estimate(lo_t, lo_c, hi_t, hi_c, hi_known, eps):
     return torch.where(hi_known, result, lo_t)
 
 
-def _next_probe(rows, lo_t, lo_c, hi_t, hi_c, hi_known, lo_weight, hi_weight, prev_t, prev_c, cap, eps):
+def _next_probe(rows, lo_t, lo_c, hi_t, hi_c, hi_known, lo_weight, hi_weight, prev_t, prev_c, cap, eps, slope_hint):
     lt, lc, ht, hc, known = lo_t[rows], lo_c[rows], hi_t[rows], hi_c[rows], hi_known[rows]
     pt, pc = prev_t[rows], prev_c[rows]
     log_eps = math.log(eps)
 
     # Growing: no point outside yet. Slope from the last two inside points when both are informative.
-    slope_up = _local_slope(lt, lc, pt, pc)
+    slope_up = _local_slope(lt, lc, pt, pc, slope_hint)
     grow = torch.where(lc > 0, (eps / lc) ** (1.0 / slope_up), torch.full_like(lc, _ZERO_COST_GROWTH))
-    grown = torch.minimum(lt * grow.clamp(1.5, _MAX_GROWTH), cap[rows])
+    grown = torch.minimum(lt * grow.clamp(1.0 + 1e-9, _MAX_GROWTH), cap[rows])
 
     # Shrinking: outside at hi, nothing positive inside yet.
-    slope_down = _local_slope(ht, hc, pt, pc)
+    slope_down = _local_slope(ht, hc, pt, pc, slope_hint)
     shrink = torch.where(torch.isfinite(hc), (eps / hc) ** (1.0 / slope_down), torch.full_like(hc, _NONFINITE_SHRINK))
-    shrunk = ht * shrink.clamp(1.0 / _MAX_GROWTH, 0.7)
+    shrunk = ht * shrink.clamp(1.0 / _MAX_GROWTH, 1.0 - 1e-9)
 
     # Bracketed: Illinois secant in (log t, log C/eps), bisection in log t where an end gives no slope.
     x_lo, x_hi = torch.log(lt), torch.log(ht)

@@ -68,13 +68,14 @@ def check_run_options(n_samples, rtol, batch_size, seed) -> None:
 
 
 def direction_batches(n_samples: int, batch_size: int, pilot: int = PILOT_DIRECTIONS):
-    """Index ranges: the pilot directions first, then the rest, each at most ``batch_size`` long.
+    """Index ranges: direction 0, the rest of the pilot, then the others, each at most ``batch_size`` long.
 
-    The split depends on ``batch_size`` but the search of every direction does not: pilot directions
-    start from the initial radius and all others from the pilot's typical radius.
+    The split depends on ``batch_size`` but the search of every direction does not: direction 0 starts
+    from the initial radius, the other pilot directions from its radius, and all later ones from the
+    pilot's typical radius and slope.
     """
     pilot = min(pilot, n_samples)
-    for lo, hi in ((0, pilot), (pilot, n_samples)):
+    for lo, hi in ((0, min(1, n_samples)), (1, pilot), (pilot, n_samples)):
         for start in range(lo, hi, batch_size):
             yield start, min(start + batch_size, hi)
 
@@ -85,6 +86,12 @@ def typical_radius(radii: torch.Tensor, fallback: float) -> float:
     return float(torch.exp(torch.log(good).median())) if good.numel() else fallback
 
 
+def typical_slope(slopes: torch.Tensor, fallback: float) -> float:
+    """Median of the finite log-log slopes measured at the cutoff."""
+    good = slopes[torch.isfinite(slopes)]
+    return float(good.median()) if good.numel() else fallback
+
+
 class DirectionBatch:
     """A batch of directions w_hat = P g / |P g|, never stored: the backend's kernels regenerate g.
 
@@ -93,18 +100,56 @@ class DirectionBatch:
     """
 
     def __init__(self, backend, seed: int, indices: torch.Tensor, anchor: torch.Tensor, precond, weights, bounds):
-        self.backend, self.seed, self.precond = backend, seed, precond
+        self.backend, self.seed, self.precond, self.anchor = backend, seed, precond, anchor
         self.indices = indices.to(anchor.device)
         stats = backend.direction_stats(seed, self.indices, anchor, precond, weights, bounds, 0)
         self.stats = DirectionStats.from_tensor(stats.to("cpu", torch.float64))
         self.inverse_norm = torch.rsqrt(self.stats.sq_norm_pg)
 
-    def points(self, anchor: torch.Tensor, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-        """theta0 + r w_hat for the given rows: (k, D) in the anchor's dtype."""
-        scales = (radii.double() * self.inverse_norm[rows]).to(anchor.device)
-        out = torch.empty(rows.numel(), anchor.numel(), dtype=anchor.dtype, device=anchor.device)
-        self.backend.perturb_(out, anchor, self.precond, self.seed, self.indices[rows.to(anchor.device)], scales, 0)
+    def points(self, rows: torch.Tensor, radii: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """base + r w_hat for the given rows (base: the anchor by default): (k, D) in base's dtype."""
+        base = self.anchor if base is None else base
+        scales = (radii.double() * self.inverse_norm[rows]).to(base.device)
+        out = torch.empty(rows.numel(), base.numel(), dtype=base.dtype, device=base.device)
+        self.backend.perturb_(out, base, self.precond, self.seed, self.indices[rows.to(base.device)], scales, 0)
         return out
+
+    def unit_vectors(self, dtype=torch.float32) -> torch.Tensor:
+        """The batch's w_hat as a (B, D) tensor (for evaluators that precompute per-direction work)."""
+        zeros = torch.zeros(self.anchor.numel(), dtype=dtype, device=self.anchor.device)
+        return self.points(torch.arange(self.indices.numel()), torch.ones(self.indices.numel()), base=zeros)
+
+
+class PointCost:
+    """Evaluates a cost of whole parameter vectors, ``fn((k, D) points) -> (k,)``, at the probes.
+
+    The estimator calls ``start_batch`` with each ``DirectionBatch`` and then ``self(rows, radii)``
+    for the costs at theta0 + radii * w_hat[rows]; evaluators with cheaper ways to reach those costs
+    (``fast_mlp``) implement the same three methods.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable (a (B, D) batch -> (B,) costs), got {type(fn).__name__}")
+        self.fn = fn
+        self.batch: DirectionBatch | None = None
+
+    def start_batch(self, batch: DirectionBatch) -> None:
+        self.batch = batch
+
+    def anchor_cost(self, anchor: torch.Tensor) -> float:
+        return float(self.costs(anchor.reshape(1, -1))[0])
+
+    def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+        return self.costs(self.batch.points(rows, radii))
+
+    def costs(self, points: torch.Tensor) -> torch.Tensor:
+        out = self.fn(points)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(out)
+        if out.numel() != points.shape[0]:
+            raise ValueError(f"fn returned shape {tuple(out.shape)} for a batch of {points.shape[0]}; it must return (B,)")
+        return out.detach().reshape(-1).to("cpu", torch.float64)
 
 
 def estimate_volume(
@@ -127,7 +172,8 @@ def estimate_volume(
 ) -> VolumeResult:
     """Estimate the local volume of {theta : fn(theta) <= cutoff} around ``anchor``.
 
-    fn: maps a (B, D) batch of parameter vectors to a (B,) tensor of costs, with fn(anchor) = 0.
+    fn: maps a (B, D) batch of parameter vectors to a (B,) tensor of costs, with fn(anchor) = 0 (or an
+        evaluator with ``start_batch``/``anchor_cost``/``__call__(rows, radii)``, as ``PointCost``).
     anchor: (D,) (any shape; flattened) floating tensor. cutoff: eps > 0.
     measure: "gaussian" (N(0, sigma^2 I) about the origin; sigma a scalar or (D,) tensor; None means the
         RMS of the anchor - the paper recommends the initialization scale) or "uniform" (Lebesgue; with
@@ -139,8 +185,7 @@ def estimate_volume(
         apply the directions (``localvol_fast.available_backends()``); all give the same directions.
     Returns a ``VolumeResult`` (log volume in nats).
     """
-    if not callable(fn):
-        raise TypeError(f"fn must be callable (a (B, D) batch -> (B,) costs), got {type(fn).__name__}")
+    evaluator = fn if hasattr(fn, "start_batch") else PointCost(fn)
     flat = _check_anchor(anchor)
     eps = check_cutoff(cutoff)
     check_run_options(n_samples, rtol, batch_size, seed)
@@ -159,15 +204,7 @@ def estimate_volume(
     if batch_size is None:
         batch_size = max(1, min(n_samples, 256, _DEFAULT_BATCH_ELEMENTS // dim))
 
-    def costs_of(points: torch.Tensor) -> torch.Tensor:
-        out = fn(points)
-        if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(out)
-        if out.numel() != points.shape[0]:
-            raise ValueError(f"fn returned shape {tuple(out.shape)} for a batch of {points.shape[0]}; it must return (B,)")
-        return out.detach().reshape(-1).to("cpu", torch.float64)
-
-    anchor_cost = float(costs_of(flat.reshape(1, -1))[0])
+    anchor_cost = evaluator.anchor_cost(flat)
     if not (math.isfinite(anchor_cost) and abs(anchor_cost) <= ANCHOR_COST_TOLERANCE * eps):
         raise ValueError(
             f"fn(anchor) = {anchor_cost!r}, but the cost must be 0 at the anchor (e.g. L(theta) - L(theta0) "
@@ -177,22 +214,31 @@ def estimate_volume(
 
     started = time.perf_counter()
     records: list[DirectionRecords] = []
+    pilot_slopes: list[torch.Tensor] = []
     bar = ProgressBar(n_samples, enabled=progress)
-    start_radius = float(initial_radius)
+    start_radius, slope_hint = float(initial_radius), 2.0
     for lo, hi in direction_batches(n_samples, batch_size):
         indices = torch.arange(lo, hi, dtype=torch.int64)
         batch = DirectionBatch(ops, seed, indices, flat, precond, weights, bounds_vector)
+        evaluator.start_batch(batch)
         outcome = search_radii(
-            lambda rows, radii: costs_of(batch.points(flat, rows, radii)),
+            evaluator,
             torch.full((hi - lo,), start_radius, dtype=torch.float64),
             measure_obj.radius_cap(batch.stats),
             eps,
             rtol=rtol,
             max_evals=max_evals,
+            slope_hint=slope_hint,
         )
         records.append(DirectionRecords.of_search(indices, batch.stats, outcome, measure_obj, log_det_p))
+        pilot_slopes.append(outcome.slopes)
+        if hi == 1:
+            start_radius = typical_radius(records[0].radii, start_radius)
         if hi == min(PILOT_DIRECTIONS, n_samples):
+            # Radii concentrate in high dimension, and so does the slope of log C at the cutoff: the pilot's
+            # typical values start every later search (the same for any batch size).
             start_radius = typical_radius(torch.cat([r.radii for r in records]), float(initial_radius))
+            slope_hint = typical_slope(torch.cat(pilot_slopes), slope_hint)
         running = log_mean_exp(torch.cat([r.estimates for r in records]))
         bar.update(hi - lo, evals=float(outcome.n_evals.double().mean()), log_volume=running)
     bar.close()

@@ -1,0 +1,188 @@
+"""GPU figures for ``bench/gpu_check.sh``: kernel throughput per backend and seconds per direction.
+
+Every section runs on its own: a failure is recorded in the JSON and the next section runs. Timings use
+CUDA events after warm-up (wall clock on the CPU). ``--device cpu --quick`` smoke-tests the script here.
+
+    python bench/gpu_bench.py --out gpu_figures.json [--device cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+import traceback
+import warnings
+
+import torch
+
+import localvol_fast as lv
+from localvol_fast.ops import available_backends, get_backend
+
+
+def _timer(device: torch.device):
+    """Seconds taken by fn(), median of ``repeats`` after one warm-up."""
+
+    def measure(fn, repeats: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    return measure
+
+
+def kernel_figures(device, quick: bool) -> dict:
+    """Seconds and effective bandwidth of each op on each backend that runs on ``device``."""
+    measure = _timer(device)
+    n = 1 << (16 if quick else 24)
+    rows, positions, vocab = (2, 16, 512) if quick else (20, 1024, 50304)
+    indices = torch.arange(8, device=device)
+    anchor = torch.randn(n, device=device)
+    precond = torch.rand(n, device=device) + 0.5
+    out = torch.empty(8, n, device=device)
+    scales = torch.rand(8, dtype=torch.float64, device=device)
+    logits = torch.randn(rows, positions, vocab, device=device, dtype=torch.bfloat16)
+    anchor_lp = torch.log_softmax(torch.randn(rows, positions, vocab, device=device), -1)
+    figures = {}
+    for name in available_backends(device):
+        ops = get_backend(name, device)
+        entry = {}
+        cases = {
+            "gaussian_8xN": (lambda: ops.gaussian(7, indices, 0, n), 8 * n * 4),
+            "direction_stats_8xN": (lambda: ops.direction_stats(7, indices, anchor, precond, None, None, 0), 2 * n * 4),
+            "perturb_8xN": (lambda: ops.perturb_(out, anchor, precond, 7, indices, scales, 0), 8 * n * 4 + 2 * n * 4),
+            "kl_rows_x_positions_x_vocab": (
+                lambda: ops.kl_against_anchor(logits, anchor_lp, None),
+                logits.numel() * (logits.element_size() + 4),
+            ),
+        }
+        for case, (fn, nbytes) in cases.items():
+            try:
+                seconds = measure(fn)
+                entry[case] = {"seconds": seconds, "GB_per_s": nbytes / seconds / 1e9}
+            except Exception as error:  # noqa: BLE001 - record and go on
+                entry[case] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        figures[name] = entry
+    figures["shapes"] = {"N": n, "kl": [rows, positions, vocab], "kl_logits_dtype": "bfloat16"}
+    return figures
+
+
+def digits_figures(device, quick: bool) -> dict:
+    from localvol_fast.digits import PRIOR_SIGMA, train_digits
+
+    run = train_digits(100 if quick else 500, device=device)
+    n = 16 if quick else 128
+    figures = {}
+    for name in available_backends(device):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = lv.estimate(run.model, run.x_test, n_samples=n, sigma=PRIOR_SIGMA, progress=False, backend=name)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        figures[name] = {
+            "seconds_per_direction": seconds / n,
+            "evals_per_direction": r.evals_per_direction,
+            "log_volume": r.log_volume,
+            "evaluation": r.info.get("evaluation"),
+        }
+    return figures
+
+
+def pythia_figures(device, quick: bool) -> dict:
+    """A Pythia-31m-shaped GPT-NeoX (random weights) on 20 x 1,024 tokens: seconds per direction."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    if quick:
+        config = GPTNeoXConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=64)
+        rows, length, n = 2, 32, 4
+    else:  # EleutherAI/pythia-31m's shape
+        config = GPTNeoXConfig(vocab_size=50304, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
+                               intermediate_size=1024, max_position_embeddings=2048, rotary_pct=0.25)
+        rows, length, n = 20, 1024, 16
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config).to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (rows, length), device=device)
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dim = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        forward = _timer(device)(lambda: model(**data).logits, repeats=3)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = lv.estimate(model, data, n_samples=n, sigma=0.03997834, cutoff=1e-2, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "parameters": dim,
+        "tokens": rows * length,
+        "bare_forward_seconds": forward,
+        "seconds_per_direction": seconds / n,
+        "evals_per_direction": r.evals_per_direction,
+        "status": r.status_counts(),
+        "backend": r.config.get("backend"),
+        "evaluation": r.info.get("evaluation"),
+        "goal_seconds_per_direction": 0.05,
+        "peak_gpu_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
+
+
+SECTIONS = {"kernels": kernel_figures, "digits": digits_figures, "pythia31m_shape": pythia_figures}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_figures.json")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    report = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "backends": available_backends(device),
+        },
+        "quick": args.quick,
+    }
+    try:
+        import triton
+
+        report["machine"]["triton"] = triton.__version__
+    except ImportError:
+        report["machine"]["triton"] = None
+    for name in args.sections:
+        started = time.perf_counter()
+        try:
+            report[name] = SECTIONS[name](device, args.quick)
+        except Exception as error:  # noqa: BLE001 - one failing section must not lose the others
+            report[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-2000:]}
+        report[name]["section_seconds"] = time.perf_counter() - started
+        print(f"{name}: done in {report[name]['section_seconds']:.1f} s", flush=True)
+        with open(args.out, "w") as handle:  # written after every section: a timeout loses nothing done
+            json.dump(report, handle, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

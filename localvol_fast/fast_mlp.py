@@ -1,0 +1,155 @@
+"""Costs of plain MLPs (``nn.Sequential`` of ``nn.Linear`` and element-wise activations), probe-batched.
+
+A probe is theta0 + t w_hat. Its first layer is (W1 + t V1) x + (b1 + t v1) = A1 + t U1, where
+A1 = W1 x + b1 is computed once per run and U1 = V1 x + v1 once per direction, so each probe of a
+direction costs an axpy instead of the first (and largest) matrix product. Later layers multiply by
+W + t V for each probe (a batched product). Probes run in chunks small enough for their activations
+to stay in cache. With the Triton backend every layer is instead the fused ``perturbed_linear``
+kernel, which generates V from the seed inside the matrix product, so no perturbed weight exists.
+
+The costs equal those of the generic ``ModelCost`` path up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import vmap
+
+from .models import ModelCost
+
+ELEMENTWISE = (
+    torch.nn.GELU,
+    torch.nn.ReLU,
+    torch.nn.LeakyReLU,
+    torch.nn.Tanh,
+    torch.nn.Sigmoid,
+    torch.nn.SiLU,
+    torch.nn.ELU,
+    torch.nn.Softplus,
+    torch.nn.Identity,
+    torch.nn.Dropout,  # identity in eval mode, which the estimator always uses
+)
+PROBE_CHUNK_ELEMENTS = 1 << 20  # activations per chunk of probes (about 4 MB of float32)
+
+
+def _plain_mlp_layers(model, named_params):
+    """[(linear, weight_offset, bias_offset | None) or activation] if ``model`` is a plain MLP whose every
+    Linear weight and bias is perturbed, else None (subsets of parameters take the generic path)."""
+    if type(model) is not torch.nn.Sequential or not len(model) or not isinstance(model[0], torch.nn.Linear):
+        return None
+    offsets, offset = {}, 0
+    for name, p in named_params:
+        offsets[id(p)] = offset
+        offset += p.numel()
+    layers, covered = [], 0
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            w_off = offsets.get(id(module.weight))
+            b_off = None if module.bias is None else offsets.get(id(module.bias))
+            if w_off is None or (module.bias is not None and b_off is None):
+                return None
+            covered += 1 + (b_off is not None)
+            layers.append((module, w_off, b_off))
+        elif isinstance(module, ELEMENTWISE):
+            layers.append(module)
+        else:
+            return None
+    return layers if covered == len(named_params) else None
+
+
+def _plain_batches(batches) -> bool:
+    return all(len(b.args) == 1 and not b.kwargs and b.args[0].dim() == 2 for b in batches)
+
+
+class SequentialMLPCost(ModelCost):
+    """``ModelCost`` of a plain MLP, evaluated directly from per-direction factors (module docstring)."""
+
+    @classmethod
+    def supports(cls, model, batches, named_params) -> bool:
+        return _plain_mlp_layers(model, named_params) is not None and _plain_batches(batches)
+
+    def __init__(self, model, batches, neighborhood, named_params, backend, use_vmap=True, l2_reg=0.0):
+        super().__init__(model, batches, neighborhood, named_params, backend, use_vmap=use_vmap, l2_reg=l2_reg)
+        self.layers = _plain_mlp_layers(model, named_params)
+        self.mode = "fused-triton" if backend.name == "triton" else "mlp"
+        first, _, _ = self.layers[0]
+        with torch.no_grad():
+            self.first_outputs = [torch.nn.functional.linear(b.args[0], first.weight, first.bias) for b in batches]
+        widest = max(m.out_features for m, *_ in (x for x in self.layers if isinstance(x, tuple)))
+        rows = max(b.args[0].shape[0] for b in batches)
+        self.probe_chunk = max(1, PROBE_CHUNK_ELEMENTS // (rows * widest))
+
+    def start_batch(self, batch) -> None:
+        super().start_batch(batch)
+        if self.mode == "fused-triton":
+            return
+        directions = batch.unit_vectors(self.anchor.dtype)  # (B, D) w_hat
+        self.factors = [self._split(directions, layer) for layer in self.layers if isinstance(layer, tuple)]
+        first_v, first_vb = self.factors[0]
+        self.first_direction_outputs = []
+        for b in self.batches:
+            u = torch.einsum("ni,boi->bno", b.args[0], first_v)
+            self.first_direction_outputs.append(u if first_vb is None else u + first_vb[:, None, :])
+
+    @staticmethod
+    def _split(directions, layer):
+        """Direction pieces of one Linear layer: V (B, out, in) and v (B, out) or None."""
+        module, w_off, b_off = layer
+        v = directions[:, w_off : w_off + module.weight.numel()].reshape(-1, *module.weight.shape)
+        vb = None if b_off is None else directions[:, b_off : b_off + module.out_features]
+        return v, vb
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+        device = self.anchor.device
+        rows_d = rows.to(device)
+        t = radii.to(device, self.anchor.dtype)
+        total = torch.zeros(rows.numel(), dtype=torch.float64, device=device)
+        for k, (batch, cache) in enumerate(zip(self.batches, self.caches)):
+            for lo in range(0, rows.numel(), self.probe_chunk):
+                sl = slice(lo, lo + self.probe_chunk)
+                if self.mode == "fused-triton":
+                    logits = self._forward_fused(batch.args[0], rows_d[sl], radii[sl])
+                else:
+                    logits = self._forward_factored(k, rows_d[sl], t[sl])
+                values = vmap(lambda out: self.neighborhood.per_probe(out, batch))(logits)
+                total[sl] += self.neighborhood.combine(values, cache, self.backend)
+            self.n_forward += 1
+        costs = total / self.total_weight
+        if self.l2_reg:  # |theta - theta0| = t along a unit direction
+            costs = costs + 0.5 * self.l2_reg * radii.to(device, torch.float64) ** 2
+        return costs.cpu()
+
+    def _forward_factored(self, batch_number: int, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = torch.addcmul(self.first_outputs[batch_number], t[:, None, None], self.first_direction_outputs[batch_number][rows])
+        linear_number = 1
+        for layer in self.layers[1:]:
+            if not isinstance(layer, tuple):
+                h = layer(h)
+                continue
+            module, _, _ = layer
+            v, vb = self.factors[linear_number]
+            linear_number += 1
+            h = torch.matmul(h, torch.addcmul(module.weight, t[:, None, None], v[rows]).transpose(-1, -2))
+            if vb is not None:
+                h = h + torch.addcmul(module.bias, t[:, None], vb[rows])[:, None, :]
+        return h
+
+    def _forward_fused(self, x: torch.Tensor, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+        batch = self.batch
+        scales = radii.double().to(x.device) * batch.inverse_norm[rows.cpu()].to(x.device)
+        indices = batch.indices[rows]
+        h = x.unsqueeze(0).expand(rows.numel(), *x.shape)
+        precond = batch.precond
+        for layer in self.layers:
+            if not isinstance(layer, tuple):
+                h = layer(h)
+                continue
+            module, w_off, b_off = layer
+            n_w = module.weight.numel()
+            p_w = None if precond is None else precond[w_off : w_off + n_w].reshape(module.weight.shape)
+            p_b = None if precond is None or b_off is None else precond[b_off : b_off + module.out_features]
+            h = self.backend.perturbed_linear(
+                h, module.weight, module.bias, p_w, p_b, batch.seed, indices, scales, w_off, 0 if b_off is None else b_off
+            )
+        return h
