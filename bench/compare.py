@@ -1,6 +1,6 @@
 """One table comparing our estimator with the reference algorithm, measured in one process.
 
-    python bench/compare.py [--quick | --tiny] [--out bench/results] [--threads 2] [--models a,b]
+    python bench/compare.py [--quick | --tiny] [--out bench/results] [--threads 1] [--models a,b]
 
 For each benchmark model (``bench/models.py``) it measures, on the same directions (same seed):
 a bare forward pass of the model on its data (median of repeats); the baseline
@@ -51,6 +51,9 @@ DIRECTIONS = {
     "quick": {"digits_mlp": 64, "large_mlp": 12, "tiny_lm": 4},
     "tiny": {"digits_mlp": 8},
 }
+# One thread by default: this 2-core machine is shared, and with 2 threads a busy neighbour on the other
+# core stalls every OpenMP barrier (a GPT-NeoX forward went from 65 ms to ~1 s); 1 thread measured steady.
+DEFAULT_THREADS = 1
 GOALS = {"speedup": {"digits_mlp": 8.0, "tiny_lm": 4.0}, "per_eval_over_bare": 1.3}
 
 
@@ -94,6 +97,14 @@ def _available_backends() -> list[str]:
     return list(finder())
 
 
+def _cpu_pressure() -> str | None:
+    """The 'some' line of /proc/pressure/cpu: how much other work competed for the CPU."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def machine_info(threads: int) -> dict:
     try:
         import transformers
@@ -119,6 +130,7 @@ def machine_info(threads: int) -> dict:
         "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_pressure_start": _cpu_pressure(),
     }
 
 
@@ -380,7 +392,9 @@ def main(argv=None) -> dict:
     size.add_argument("--quick", action="store_true", help="fewer directions: about 1-2 minutes")
     size.add_argument("--tiny", action="store_true", help="the digits MLP on 8 directions only: a smoke test")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory for compare.md / compare.json")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, help=f"torch.set_num_threads (default {DEFAULT_THREADS})"
+    )
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(bench_models.BUILDERS))
     parser.add_argument("--directions", type=int, default=None, help="directions per model (overrides the mode's)")
     parser.add_argument("--no-lean", action="store_true", help="skip the baseline-lean row")
@@ -409,6 +423,7 @@ def main(argv=None) -> dict:
     for name, n in plan.items():
         report["models"].append(measure_model(name, n, warmup=mode != "tiny", lean=not (args.no_lean or mode == "tiny")))
     report["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["cpu_pressure_end"] = _cpu_pressure()
     report["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

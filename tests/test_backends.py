@@ -57,6 +57,8 @@ def test_digits_mlp_agrees_across_backends(digits_clean, backend):
     ref = _quiet(lv.estimate, run.model, run.x_test[:200], backend="reference", **kw)
     other = _quiet(lv.estimate, run.model, run.x_test[:200], backend=backend, **kw)
     assert other.config["backend"] == backend
+    # Triton evaluates the MLP with its fused perturbed-linear kernel; the others factor the first layer.
+    assert other.info["evaluation"] == ("fused-triton" if backend == "triton" else "mlp")
     torch.testing.assert_close(other.radii, ref.radii, rtol=1e-4, atol=0)
     torch.testing.assert_close(other.estimates, ref.estimates, rtol=0, atol=4810 * 1e-4)
 

@@ -32,7 +32,7 @@ def test_digits_kl_volume_is_finite_and_reproducible(digits_clean):
     assert math.isfinite(a.log_volume) and a.dim == 4810
     assert torch.equal(a.estimates, b.estimates)
     assert a.status == ["converged"] * 16
-    assert a.info["evaluation"] == "vmap" and a.config["neighborhood"] == "kl"
+    assert a.info["evaluation"] == "mlp" and a.config["neighborhood"] == "kl"
     c = estimate(run.model, run.x_test, **{**kw, "seed": 4})
     assert not torch.equal(a.estimates, c.estimates)
 
@@ -45,14 +45,39 @@ def test_poisoned_network_has_smaller_volume(digits_clean, digits_poisoned):
     assert poisoned.log_volume_interval[1] < clean.log_volume_interval[0]
 
 
-def test_vmap_and_sequential_paths_agree(digits_clean):
+class _Wrapped(torch.nn.Module):
+    """The digits MLP behind a wrapper, so that it takes the generic (vmap) path, not the plain-MLP one."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_mlp_vmap_and_sequential_paths_agree(digits_clean):
     run = digits_clean
     kw = dict(cutoff=1e-2, n_samples=6, sigma=PRIOR_SIGMA, **QUIET)
     fast = estimate(run.model, run.x_test, **kw)
+    generic = estimate(_Wrapped(run.model), run.x_test, **kw)
     slow = estimate(run.model, run.x_test, use_vmap=False, **kw)
-    assert fast.info["evaluation"] == "vmap" and slow.info["evaluation"] == "sequential"
-    torch.testing.assert_close(fast.radii, slow.radii, rtol=1e-4, atol=0)
-    torch.testing.assert_close(fast.estimates, slow.estimates, rtol=0, atol=4810 * 1e-4)
+    assert (fast.info["evaluation"], generic.info["evaluation"], slow.info["evaluation"]) == ("mlp", "vmap", "sequential")
+    for other in (generic, slow):
+        torch.testing.assert_close(fast.radii, other.radii, rtol=1e-4, atol=0)
+        torch.testing.assert_close(fast.estimates, other.estimates, rtol=0, atol=4810 * 1e-4)
+
+
+def test_mlp_path_handles_losses_subsets_and_l2(digits_clean):
+    run = digits_clean
+    ce = torch.nn.functional.cross_entropy
+    kw = dict(cutoff=1e-2, n_samples=4, sigma=PRIOR_SIGMA, neighborhood="loss", loss_fn=ce, l2_reg=1e-3, **QUIET)
+    fast = estimate(run.model, (run.x_test, run.y_test), **kw)
+    generic = estimate(_Wrapped(run.model), (run.x_test, run.y_test), **kw)
+    assert fast.info["evaluation"] == "mlp" and generic.info["evaluation"] == "vmap"
+    torch.testing.assert_close(fast.radii, generic.radii, rtol=1e-4, atol=0)
+    subset = estimate(run.model, run.x_test, params=["0.weight"], n_samples=2, sigma=PRIOR_SIGMA, **QUIET)
+    assert subset.info["evaluation"] == "vmap"  # only whole-MLP perturbations take the factored path
 
 
 def test_vmap_failure_falls_back_to_sequential():
