@@ -64,8 +64,15 @@ def test_estimate(benchmark, model_name, backend):
 
     def run():
         return lv.estimate(
-            bm.model, bm.data, cutoff=bm.cutoff, n_samples=n, sigma=bm.sigma, seed=0, rtol=bench_models.RTOL,
-            progress=False, backend=backend,
+            bm.model,
+            bm.data,
+            cutoff=bm.cutoff,
+            n_samples=n,
+            sigma=bm.sigma,
+            seed=0,
+            rtol=bench_models.RTOL,
+            progress=False,
+            backend=backend,
         )
 
     result = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
@@ -85,10 +92,18 @@ def test_baseline(benchmark, model_name):
     n = DIRECTIONS[model_name]
 
     def run():
-        return baseline_estimate(bm.model, bm.data, cutoff=bm.cutoff, n_samples=n, sigma=bm.sigma, seed=0, rtol=bench_models.RTOL)
+        return baseline_estimate(
+            bm.model, bm.data, cutoff=bm.cutoff, n_samples=n, sigma=bm.sigma, seed=0, rtol=bench_models.RTOL
+        )
 
     out = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     _record(
-        benchmark, n, int(out["evals"].sum()), int(out["forward_passes"].sum()), out["seconds_total"], out["status"], out["dim"]
+        benchmark,
+        n,
+        int(out["evals"].sum()),
+        int(out["forward_passes"].sum()),
+        out["seconds_total"],
+        out["status"],
+        out["dim"],
     )
     assert len(out["status"]) == n

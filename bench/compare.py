@@ -84,7 +84,7 @@ def _cpu_model() -> str:
 
 def _git(*args) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -157,8 +157,15 @@ def _timed(fn):
 def run_baseline(bm, n: int, lean: bool = False) -> dict:
     def call():
         return baseline_estimate(
-            bm.model, bm.data, cutoff=bm.cutoff, n_samples=n, sigma=bm.sigma, seed=SEED, rtol=bench_models.RTOL,
-            anchor_cache=lean, extra_calls=not lean,
+            bm.model,
+            bm.data,
+            cutoff=bm.cutoff,
+            n_samples=n,
+            sigma=bm.sigma,
+            seed=SEED,
+            rtol=bench_models.RTOL,
+            anchor_cache=lean,
+            extra_calls=not lean,
         )
 
     out, seconds, messages = _timed(call)
@@ -179,8 +186,15 @@ def run_baseline(bm, n: int, lean: bool = False) -> dict:
 def run_estimate(bm, n: int, backend: str, cutoff=None) -> dict:
     def call():
         return lv.estimate(
-            bm.model, bm.data, cutoff=bm.cutoff if cutoff is None else cutoff, n_samples=n, sigma=bm.sigma, seed=SEED,
-            rtol=bench_models.RTOL, progress=False, backend=backend,
+            bm.model,
+            bm.data,
+            cutoff=bm.cutoff if cutoff is None else cutoff,
+            n_samples=n,
+            sigma=bm.sigma,
+            seed=SEED,
+            rtol=bench_models.RTOL,
+            progress=False,
+            backend=backend,
         )
 
     result, seconds, messages = _timed(call)
@@ -210,16 +224,31 @@ def run_multi_cutoff(bm, n: int) -> dict:
     try:
         result, seconds, messages = _timed(
             lambda: lv.estimate(
-                bm.model, bm.data, cutoff=list(MULTI_CUTOFFS), n_samples=n, sigma=bm.sigma, seed=SEED,
-                rtol=bench_models.RTOL, progress=False,
+                bm.model,
+                bm.data,
+                cutoff=list(MULTI_CUTOFFS),
+                n_samples=n,
+                sigma=bm.sigma,
+                seed=SEED,
+                rtol=bench_models.RTOL,
+                progress=False,
             )
         )
     except (TypeError, ValueError) as error:
         return {"available": False, "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
     out = {"available": True, "cutoffs": MULTI_CUTOFFS, "seconds": seconds, "warnings": messages}
-    n_evals = getattr(result, "n_evals", None)
-    if isinstance(n_evals, torch.Tensor):
-        out["evals_per_direction"] = float(n_evals.double().sum()) / n
+    results = list(result) if isinstance(result, (list, tuple)) else [result]
+    out["per_cutoff"] = [
+        {
+            "cutoff": getattr(r, "cutoff", None),
+            "evals_per_direction": float(r.n_evals.double().mean())
+            if isinstance(getattr(r, "n_evals", None), torch.Tensor)
+            else None,
+            "status_counts": r.status_counts() if hasattr(r, "status_counts") else None,
+            "log_volume": getattr(r, "log_volume", None),
+        }
+        for r in results
+    ]
     return out
 
 
@@ -324,7 +353,8 @@ def markdown(report: dict) -> str:
         f"transformers {m['transformers']}; backends {', '.join(m['backends'])}; commit "
         f"{(m['git_commit'] or 'unknown')[:10]}{' (with local changes)' if m['git_dirty'] else ''}; {m['date']}; "
         f"mode {report['mode']}; load average {_fmt(m['load_average_start'][0]) if m['load_average_start'] else '-'}"
-        f" -> {_fmt(report['load_average_end'][0]) if report['load_average_end'] else '-'}.",
+        f" -> {_fmt(report['load_average_end'][0]) if report['load_average_end'] else '-'} (the machine is shared: "
+        "other work on it moves every timing; the ratios come from one run).",
         "",
         f"Cutoff eps = {report['cutoff']:g} nats, rtol = {report['rtol']:g}, Gaussian measure, isotropic directions, "
         "the same directions (seed 0) for every method. baseline = tyche's search re-implemented "
@@ -391,7 +421,9 @@ def main(argv=None) -> dict:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer directions: about 1-2 minutes")
     size.add_argument("--tiny", action="store_true", help="the digits MLP on 8 directions only: a smoke test")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory for compare.md / compare.json")
+    parser.add_argument(
+        "--out", default=str(REPO / "bench" / "results"), help="directory for compare.md / compare.json"
+    )
     parser.add_argument(
         "--threads", type=int, default=DEFAULT_THREADS, help=f"torch.set_num_threads (default {DEFAULT_THREADS})"
     )
@@ -421,7 +453,9 @@ def main(argv=None) -> dict:
         "models": [],
     }
     for name, n in plan.items():
-        report["models"].append(measure_model(name, n, warmup=mode != "tiny", lean=not (args.no_lean or mode == "tiny")))
+        report["models"].append(
+            measure_model(name, n, warmup=mode != "tiny", lean=not (args.no_lean or mode == "tiny"))
+        )
     report["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["cpu_pressure_end"] = _cpu_pressure()
     report["seconds"] = time.perf_counter() - started

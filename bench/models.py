@@ -73,7 +73,7 @@ def bare_forward_seconds(bench_model: BenchModel, repeats: int = 7, warmup: int 
     return statistics.median(times)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits_mlp() -> BenchModel:
     from localvol_fast.digits import PRIOR_SIGMA, train_digits
 
@@ -88,7 +88,7 @@ def digits_mlp() -> BenchModel:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_lm() -> BenchModel:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -122,7 +122,7 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False).reshape(-1, 256)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def large_mlp(steps: int = 150) -> BenchModel:
     from localvol_fast.digits import L2, PRIOR_SIGMA, load_digits_split
 

@@ -259,7 +259,7 @@ def baseline_estimate(
             v = (u if precond is None else u * precond.double()).to(anchor.dtype)  # tyche: P unit(g)
             forward_before = cost.n_forward
             outcome = faithful_search(
-                lambda m: cost(anchor + m * v),
+                lambda m, v=v: cost(anchor + m * v),
                 eps,
                 rtol=rtol,
                 max_iters=max_iters,

@@ -24,7 +24,7 @@ from .neighborhoods import make_neighborhood
 from .ops import get_backend
 from .preconditioners import adam_preconditioner, normalize_preconditioner
 from .result import VolumeResult
-from .volume import PointCost, check_cutoff, estimate_volume
+from .volume import PointCost, check_cutoffs, estimate_volume
 
 _PROBE_ELEMENTS = 1 << 25  # bound on probes x output elements in one vmapped forward
 
@@ -280,12 +280,13 @@ def estimate(
     l2_reg: adds l2_reg / 2 * |theta - theta0|^2 to the cost (the reference package's ``l2_reg``).
     backend: the kernels of the inner loop ("auto", "reference", "cpu", "cuda", "triton"; see
         ``localvol_fast.available_backends()``); every backend gives the same directions.
+    cutoff: eps, or a list of cutoffs searched together (a list of results comes back, one per cutoff).
     Returns a ``VolumeResult``; ``result.info`` holds timings, forward counts and the preconditioner's cost.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     nb = make_neighborhood(neighborhood, loss_fn)
-    check_cutoff(cutoff)
+    check_cutoffs(cutoff)
     if not list(model.parameters()):
         raise ValueError("the model has no parameters to perturb")
     started = time.perf_counter()
@@ -330,17 +331,18 @@ def estimate(
         )
     if cost.fallback_reason:
         notes.append(f"vmap was not usable for this model ({cost.fallback_reason}); probes ran one at a time")
-    result.info["notes"] = result.info.get("notes", []) + notes
-    result.info.update(
-        seconds_total=time.perf_counter() - started,
-        forward_passes=cost.n_forward,
-        evaluation=cost.mode,
-        preconditioner=precond_info,
-    )
-    result.config.update(
-        neighborhood=nb.name + ("+l2" if l2_reg else ""),
-        parameters=cost.names if len(cost.names) <= 64 else len(cost.names),
-        model=type(model).__name__,
-    )
+    for r in result if isinstance(result, list) else [result]:
+        r.info["notes"] = r.info.get("notes", []) + notes
+        r.info.update(
+            seconds_total=time.perf_counter() - started,
+            forward_passes=cost.n_forward,
+            evaluation=cost.mode,
+            preconditioner=precond_info,
+        )
+        r.config.update(
+            neighborhood=nb.name + ("+l2" if l2_reg else ""),
+            parameters=cost.names if len(cost.names) <= 64 else len(cost.names),
+            model=type(model).__name__,
+        )
     return result
 

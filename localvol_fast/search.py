@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,7 +40,8 @@ _BRACKET_COLLAPSED = 1e-12  # log-width of a bracket that cannot shrink further
 @dataclass
 class SearchOutcome:
     """Per direction (B,): radius, cost at the last probe, status name, evaluations, non-monotone flag,
-    and the local log-log slope of C at the radius (NaN where the search did not converge)."""
+    the local log-log slope of C at the radius (NaN where the search did not converge), and every
+    probe made so far as (rows, radii, costs) rounds, to seed a search of another cutoff."""
 
     radii: torch.Tensor
     deltas: torch.Tensor
@@ -48,6 +49,7 @@ class SearchOutcome:
     n_evals: torch.Tensor
     nonmonotone: torch.Tensor
     slopes: torch.Tensor
+    history: list = field(default_factory=list, repr=False)
 
 
 def _local_slope(t1, c1, t2, c2, default: float = _DEFAULT_SLOPE):
@@ -56,6 +58,102 @@ def _local_slope(t1, c1, t2, c2, default: float = _DEFAULT_SLOPE):
         slope = torch.log(c1 / c2) / torch.log(t1 / t2)
     ok = torch.isfinite(slope) & (slope > 0.05)
     return torch.where(ok, slope.clamp(0.25, 16.0), torch.full_like(slope, default))
+
+
+class _Brackets:
+    """Per-direction search state for one cutoff: the bracket, Illinois weights, the result so far."""
+
+    def __init__(self, n: int, cap: torch.Tensor, eps: float, rtol: float, slope_hint: float):
+        f64 = dict(dtype=torch.float64)
+        self.eps, self.rtol, self.slope_hint, self.cap = eps, rtol, slope_hint, cap
+        self.lo_t, self.lo_c = torch.zeros(n, **f64), torch.zeros(n, **f64)  # the anchor: C(0) = 0
+        self.hi_t, self.hi_c = torch.full((n,), math.inf, **f64), torch.full((n,), math.inf, **f64)
+        self.hi_known = torch.zeros(n, dtype=torch.bool)  # hi_c inf: unknown or non-finite
+        self.last_side = torch.zeros(n, dtype=torch.int8)  # Illinois: which end moved last (-1 lo, +1 hi)
+        self.lo_weight, self.hi_weight = torch.ones(n, **f64), torch.ones(n, **f64)
+        self.prev_t, self.prev_c = torch.full((n,), math.nan, **f64), torch.full((n,), math.nan, **f64)
+        self.last_t, self.last_c = torch.full((n,), math.nan, **f64), torch.full((n,), math.nan, **f64)
+        self.radii, self.deltas = torch.full((n,), math.nan, **f64), torch.full((n,), math.nan, **f64)
+        self.slopes = torch.full((n,), math.nan, **f64)
+        self.status = torch.full((n,), -1, dtype=torch.int64)
+        self.nonmonotone = torch.zeros(n, dtype=torch.bool)
+        self.seen = torch.zeros(n, dtype=torch.bool)
+
+    def absorb(self, rows: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Take in probes (t, C) of ``rows``; returns which of them are finished."""
+        eps = self.eps
+        self.seen[rows] = True
+        finite = torch.isfinite(c)
+        hit = finite & ((c - eps).abs() <= self.rtol * eps)
+        below = finite & (c < eps) & ~hit
+        above = ~finite | ((c > eps) & ~hit)
+        lo_t, lo_c, hi_t, hi_c = self.lo_t[rows], self.lo_c[rows], self.hi_t[rows], self.hi_c[rows]
+        self.nonmonotone[rows] |= (below & (c < lo_c) & (t > lo_t)) | (
+            above & finite & (c > hi_c) & (t < hi_t) & torch.isfinite(hi_c)
+        )
+        # A probe beyond the current bracket says nothing new about the first crossing.
+        below &= ~(self.hi_known[rows] & (t >= hi_t))
+        above &= ~(t <= lo_t)
+
+        if bool(hit.any()):  # converged: move the radius along the local slope onto eps
+            r = rows[hit]
+            th, ch = t[hit], c[hit]
+            lo_ok = self.lo_c[r] > 0
+            hi_ok = self.hi_known[r] & torch.isfinite(self.hi_c[r])
+            use_lo = torch.where(ch > eps, lo_ok | ~hi_ok, ~hi_ok)  # prefer the end across eps
+            t_end = torch.where(use_lo, self.lo_t[r], self.hi_t[r])
+            c_end = torch.where(use_lo, self.lo_c[r], self.hi_c[r])
+            slope = _local_slope(th, ch, t_end, c_end, self.slope_hint)
+            self.radii[r] = th * (eps / ch) ** (1.0 / slope)
+            self.slopes[r], self.deltas[r] = slope, ch
+            self.status[r] = STATUS_NAMES.index(CONVERGED)
+
+        rows_b, rows_a = rows[below], rows[above]
+        self.lo_t[rows_b], self.lo_c[rows_b] = t[below], c[below]
+        self.hi_t[rows_a] = t[above]
+        self.hi_c[rows_a] = torch.where(finite[above], c[above], torch.full_like(c[above], math.inf))
+        self.hi_known[rows_a] = True
+        # Illinois: an end kept twice in a row gets its residual halved so the secant keeps moving.
+        self.lo_weight[rows_b] = 1.0
+        self.hi_weight[rows_a] = 1.0
+        self.hi_weight[rows_b] = torch.where(self.last_side[rows_b] == -1, self.hi_weight[rows_b] * 0.5, self.hi_weight[rows_b])
+        self.lo_weight[rows_a] = torch.where(self.last_side[rows_a] == 1, self.lo_weight[rows_a] * 0.5, self.lo_weight[rows_a])
+        self.last_side[rows_b], self.last_side[rows_a] = -1, 1
+        # The two latest informative probes give the local slope for the next extrapolation.
+        r = rows[below | (above & finite)]
+        keep = below | (above & finite)
+        self.prev_t[r], self.prev_c[r] = self.last_t[r], self.last_c[r]
+        self.last_t[r], self.last_c[r] = t[keep], c[keep]
+
+        at_cap = below & (t >= self.cap[rows])  # inside all the way to the measure's reach
+        if bool(at_cap.any()):
+            r = rows[at_cap]
+            self.radii[r], self.deltas[r] = self.cap[r], c[at_cap]
+            self.status[r] = STATUS_NAMES.index(UNBOUNDED)
+        return self.status[rows] >= 0
+
+    def close_stuck(self, rows: torch.Tensor, n_evals: torch.Tensor, max_evals: int) -> torch.Tensor:
+        """Finish brackets that cannot shrink further or are out of budget; returns which rows remain."""
+        width = torch.log(self.hi_t[rows] / self.lo_t[rows])
+        collapsed = self.hi_known[rows] & (self.lo_t[rows] > 0) & (width < _BRACKET_COLLAPSED)
+        out_of_budget = (n_evals[rows] >= max_evals) & ~collapsed
+        done = collapsed | out_of_budget
+        if bool(done.any()):
+            d = rows[done]
+            lo_t, lo_c, hi_t, hi_c = self.lo_t[d], self.lo_c[d], self.hi_t[d], self.hi_c[d]
+            code_collapsed = torch.where(
+                ~torch.isfinite(hi_c),
+                torch.full_like(d, STATUS_NAMES.index(NONFINITE)),
+                torch.full_like(d, STATUS_NAMES.index(JUMP)),
+            )
+            self.status[d] = torch.where(collapsed[done], code_collapsed, torch.full_like(d, STATUS_NAMES.index(NOT_CONVERGED)))
+            self.radii[d] = _bracket_estimate(lo_t, lo_c, hi_t, hi_c, self.hi_known[d], self.eps)
+            best_lo = (lo_t > 0) & ((self.eps - lo_c) <= (hi_c - self.eps))
+            self.deltas[d] = torch.where(best_lo | ~torch.isfinite(hi_c), lo_c, hi_c)
+        return rows[~done]
+
+    def next_probe(self, rows: torch.Tensor) -> torch.Tensor:
+        return _next_probe(self, rows)
 
 
 def search_radii(
@@ -67,115 +165,51 @@ def search_radii(
     rtol: float = 1e-2,
     max_evals: int = 64,
     slope_hint: float = _DEFAULT_SLOPE,
+    history: list | None = None,
 ) -> SearchOutcome:
     """Find the radii of a batch of directions.
 
     evaluate(rows, radii): costs (k,) at theta0 + radii * w_hat[rows]; rows int64 (k,), radii float64 (k,).
-    initial: (B,) first probe; cap: (B,) largest radius worth probing (inf allowed).
+    initial: (B,) first probe (NaN: step from ``history``); cap: (B,) largest radius worth probing.
     slope_hint: the log-log slope of C assumed until a direction has measured its own (2 near the
-    anchor; the estimator passes the typical slope its first directions found at the cutoff).
+        anchor; the estimator passes the typical slope its first directions found at the cutoff).
+    history: the probes of earlier searches along the same directions (``SearchOutcome.history``, e.g.
+        for another cutoff): they set the first brackets, and a direction whose earlier probe already
+        lies within rtol of this cutoff converges without a new evaluation.
     """
     eps = float(cutoff)
     cap = cap.double().clone()
     n = cap.numel()
+    state = _Brackets(n, cap, eps, rtol, slope_hint)
+    history = list(history or [])
+    for rows, t, c in history:
+        state.absorb(rows, t, c)
+    n_evals = torch.zeros(n, dtype=torch.int64)
+    active = torch.nonzero(state.status < 0).reshape(-1)
     probe = torch.minimum(initial.double().clone(), cap)
     probe = torch.where(probe > 0, probe, torch.minimum(torch.ones_like(cap), cap))
-    zeros = torch.zeros(n, dtype=torch.float64)
-    lo_t, lo_c = zeros.clone(), zeros.clone()  # the anchor: C(0) = 0
-    hi_t = torch.full((n,), math.inf, dtype=torch.float64)
-    hi_c = torch.full((n,), math.inf, dtype=torch.float64)  # inf: unknown or non-finite
-    hi_known = torch.zeros(n, dtype=torch.bool)
-    last_side = torch.zeros(n, dtype=torch.int8)  # Illinois: which end moved last (-1 lo, +1 hi)
-    lo_weight, hi_weight = torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
-    prev_t, prev_c = torch.full((n,), math.nan, dtype=torch.float64), torch.full((n,), math.nan, dtype=torch.float64)
-    radii = torch.full((n,), math.nan, dtype=torch.float64)
-    deltas = torch.full((n,), math.nan, dtype=torch.float64)
-    status = torch.full((n,), -1, dtype=torch.int64)
-    n_evals = torch.zeros(n, dtype=torch.int64)
-    nonmonotone = torch.zeros(n, dtype=torch.bool)
-    slopes = torch.full((n,), math.nan, dtype=torch.float64)
+    # Where earlier probes exist, a first probe outside their bracket (or none: NaN) is replaced by
+    # the bracket's own next step.
+    resumed = active[state.seen[active]]
+    if resumed.numel():
+        guess = probe[resumed]
+        inside = (guess > state.lo_t[resumed]) & (guess < state.hi_t[resumed]) & ~torch.isnan(initial[resumed])
+        probe[resumed] = torch.where(inside, guess, state.next_probe(resumed))
 
-    active = torch.arange(n)
     while active.numel():
         t = probe[active]
         c = torch.as_tensor(evaluate(active, t)).detach().to("cpu", torch.float64).reshape(-1)
         if c.numel() != active.numel():
             raise ValueError(f"the cost function returned {c.numel()} values for {active.numel()} parameter vectors")
         n_evals[active] += 1
-        finite = torch.isfinite(c)
-        hit = finite & ((c - eps).abs() <= rtol * eps)
-        below = finite & (c < eps) & ~hit
-        above = ~finite | ((c > eps) & ~hit)
-        nonmonotone[active] |= (below & (c < lo_c[active]) & (t > lo_t[active])) | (
-            above & finite & (c > hi_c[active]) & (t < hi_t[active]) & torch.isfinite(hi_c[active])
-        )
-
-        # Converged: move the radius along the local slope onto eps.
-        if bool(hit.any()):
-            rows = active[hit]
-            th, ch = t[hit], c[hit]
-            lo_ok = lo_c[rows] > 0
-            hi_ok = hi_known[rows] & torch.isfinite(hi_c[rows])
-            use_lo = torch.where(ch > eps, lo_ok | ~hi_ok, ~hi_ok)  # prefer the end across eps
-            t_end = torch.where(use_lo, lo_t[rows], hi_t[rows])
-            c_end = torch.where(use_lo, lo_c[rows], hi_c[rows])
-            slope = _local_slope(th, ch, t_end, c_end, slope_hint)
-            radii[rows] = th * (eps / ch) ** (1.0 / slope)
-            slopes[rows] = slope
-            deltas[rows] = ch
-            status[rows] = STATUS_NAMES.index(CONVERGED)
-
-        # Update the brackets.
-        rows_b, rows_a = active[below], active[above]
-        prev_ok = below | (above & finite)
-        rows_p = active[prev_ok]
-        lo_t[rows_b], lo_c[rows_b] = t[below], c[below]
-        hi_t[rows_a] = t[above]
-        hi_c[rows_a] = torch.where(finite[above], c[above], torch.full_like(c[above], math.inf))
-        hi_known[rows_a] = True
-        # Illinois: an end kept twice in a row gets its residual halved so the secant keeps moving.
-        lo_weight[rows_b] = 1.0
-        hi_weight[rows_a] = 1.0
-        hi_weight[rows_b] = torch.where(last_side[rows_b] == -1, hi_weight[rows_b] * 0.5, hi_weight[rows_b])
-        lo_weight[rows_a] = torch.where(last_side[rows_a] == 1, lo_weight[rows_a] * 0.5, lo_weight[rows_a])
-        last_side[rows_b], last_side[rows_a] = -1, 1
-
-        # Rays that stayed inside all the way to the cap.
-        at_cap = below & (t >= cap[active])
-        if bool(at_cap.any()):
-            rows = active[at_cap]
-            radii[rows], deltas[rows] = cap[rows], c[at_cap]
-            status[rows] = STATUS_NAMES.index(UNBOUNDED)
-
-        still = ~hit & ~at_cap
-        rows = active[still]
-        if not rows.numel():
-            break
-        # Brackets that cannot shrink further: the cost jumps over eps (or to NaN/inf) right here.
-        width = torch.log(hi_t[rows] / lo_t[rows])
-        collapsed = hi_known[rows] & (lo_t[rows] > 0) & (width < _BRACKET_COLLAPSED)
-        out_of_budget = (n_evals[rows] >= max_evals) & ~collapsed
-        done = collapsed | out_of_budget
-        if bool(done.any()):
-            d = rows[done]
-            nonfinite_end = ~torch.isfinite(hi_c[d])
-            code_collapsed = torch.where(
-                nonfinite_end, torch.full_like(d, STATUS_NAMES.index(NONFINITE)), torch.full_like(d, STATUS_NAMES.index(JUMP))
-            )
-            status[d] = torch.where(collapsed[done], code_collapsed, torch.full_like(d, STATUS_NAMES.index(NOT_CONVERGED)))
-            radii[d] = _bracket_estimate(lo_t[d], lo_c[d], hi_t[d], hi_c[d], hi_known[d], eps)
-            best_lo = (lo_t[d] > 0) & ((eps - lo_c[d]) <= (hi_c[d] - eps))
-            deltas[d] = torch.where(best_lo | ~torch.isfinite(hi_c[d]), lo_c[d], hi_c[d])
-        rows = rows[~done]
-
-        probe[rows] = _next_probe(
-            rows, lo_t, lo_c, hi_t, hi_c, hi_known, lo_weight, hi_weight, prev_t, prev_c, cap, eps, slope_hint
-        )
-        prev_t[rows_p], prev_c[rows_p] = t[prev_ok], c[prev_ok]
+        history.append((active, t, c))
+        finished = state.absorb(active, t, c)
+        rows = state.close_stuck(active[~finished], n_evals, max_evals)
+        probe[rows] = state.next_probe(rows)
         active = rows
 
-    names = [STATUS_NAMES[k] for k in status.tolist()]
-    return SearchOutcome(radii, deltas, names, n_evals, nonmonotone, slopes)
+    names = [STATUS_NAMES[k] for k in state.status.tolist()]
+    return SearchOutcome(state.radii, state.deltas, names, n_evals, state.nonmonotone, state.slopes, history)
 
 
 def _bracket_estimate(lo_t, lo_c, hi_t, hi_c, hi_known, eps):
@@ -189,25 +223,25 @@ def _bracket_estimate(lo_t, lo_c, hi_t, hi_c, hi_known, eps):
     return torch.where(hi_known, result, lo_t)
 
 
-def _next_probe(rows, lo_t, lo_c, hi_t, hi_c, hi_known, lo_weight, hi_weight, prev_t, prev_c, cap, eps, slope_hint):
-    lt, lc, ht, hc, known = lo_t[rows], lo_c[rows], hi_t[rows], hi_c[rows], hi_known[rows]
-    pt, pc = prev_t[rows], prev_c[rows]
-    log_eps = math.log(eps)
+def _next_probe(state: _Brackets, rows: torch.Tensor) -> torch.Tensor:
+    lt, lc, ht, hc, known = state.lo_t[rows], state.lo_c[rows], state.hi_t[rows], state.hi_c[rows], state.hi_known[rows]
+    pt, pc = state.prev_t[rows], state.prev_c[rows]
+    eps, log_eps = state.eps, math.log(state.eps)
 
     # Growing: no point outside yet. Slope from the last two inside points when both are informative.
-    slope_up = _local_slope(lt, lc, pt, pc, slope_hint)
+    slope_up = _local_slope(lt, lc, pt, pc, state.slope_hint)
     grow = torch.where(lc > 0, (eps / lc) ** (1.0 / slope_up), torch.full_like(lc, _ZERO_COST_GROWTH))
-    grown = torch.minimum(lt * grow.clamp(1.0 + 1e-9, _MAX_GROWTH), cap[rows])
+    grown = torch.minimum(lt * grow.clamp(1.0 + 1e-9, _MAX_GROWTH), state.cap[rows])
 
     # Shrinking: outside at hi, nothing positive inside yet.
-    slope_down = _local_slope(ht, hc, pt, pc, slope_hint)
+    slope_down = _local_slope(ht, hc, pt, pc, state.slope_hint)
     shrink = torch.where(torch.isfinite(hc), (eps / hc) ** (1.0 / slope_down), torch.full_like(hc, _NONFINITE_SHRINK))
     shrunk = ht * shrink.clamp(1.0 / _MAX_GROWTH, 1.0 - 1e-9)
 
     # Bracketed: Illinois secant in (log t, log C/eps), bisection in log t where an end gives no slope.
     x_lo, x_hi = torch.log(lt), torch.log(ht)
-    y_lo = (torch.log(lc) - log_eps) * lo_weight[rows]
-    y_hi = (torch.log(hc) - log_eps) * hi_weight[rows]
+    y_lo = (torch.log(lc) - log_eps) * state.lo_weight[rows]
+    y_hi = (torch.log(hc) - log_eps) * state.hi_weight[rows]
     secant = x_lo - y_lo * (x_hi - x_lo) / (y_hi - y_lo)
     width = x_hi - x_lo
     secant = torch.minimum(torch.maximum(secant, x_lo + 1e-3 * width), x_hi - 1e-3 * width)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +55,14 @@ def check_cutoff(cutoff) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"cutoff must be finite and positive (eps in nats for the KL neighborhood), got {cutoff!r}")
     return value
+
+
+def check_cutoffs(cutoff) -> list[float]:
+    """One cutoff or a sequence of them (each finite and positive), as a list of floats."""
+    values = [check_cutoff(c) for c in cutoff] if isinstance(cutoff, (list, tuple, torch.Tensor)) else [check_cutoff(cutoff)]
+    if not values:
+        raise ValueError("cutoff is an empty list; pass at least one positive cutoff")
+    return values
 
 
 def check_run_options(n_samples, rtol, batch_size, seed) -> None:
@@ -156,7 +164,7 @@ def estimate_volume(
     fn: Callable[[torch.Tensor], torch.Tensor],
     anchor: torch.Tensor,
     *,
-    cutoff: float,
+    cutoff: float | Sequence[float],
     n_samples: int,
     measure: str = "gaussian",
     sigma=None,
@@ -174,7 +182,9 @@ def estimate_volume(
 
     fn: maps a (B, D) batch of parameter vectors to a (B,) tensor of costs, with fn(anchor) = 0 (or an
         evaluator with ``start_batch``/``anchor_cost``/``__call__(rows, radii)``, as ``PointCost``).
-    anchor: (D,) (any shape; flattened) floating tensor. cutoff: eps > 0.
+    anchor: (D,) (any shape; flattened) floating tensor. cutoff: eps > 0, or a list of cutoffs searched
+        together along the same directions (each search starts from the probes of the one before);
+        then a list of results is returned, one per cutoff in the given order.
     measure: "gaussian" (N(0, sigma^2 I) about the origin; sigma a scalar or (D,) tensor; None means the
         RMS of the anchor - the paper recommends the initialization scale) or "uniform" (Lebesgue; with
         ``bounds`` a scalar or (D,) half-widths, the normalized uniform prior on that box).
@@ -183,11 +193,13 @@ def estimate_volume(
     rtol: a radius is accepted when |C - eps| <= rtol * eps. initial_radius: first probe of the pilot.
     backend: "auto", "reference", "cpu", "cuda" or "triton": the kernels that generate, measure and
         apply the directions (``localvol_fast.available_backends()``); all give the same directions.
-    Returns a ``VolumeResult`` (log volume in nats).
+    Returns a ``VolumeResult`` (log volume in nats), or a list of them for a list of cutoffs.
     """
     evaluator = fn if hasattr(fn, "start_batch") else PointCost(fn)
     flat = _check_anchor(anchor)
-    eps = check_cutoff(cutoff)
+    multiple = isinstance(cutoff, (list, tuple)) or (isinstance(cutoff, torch.Tensor) and cutoff.dim() == 1)
+    eps_list = check_cutoffs(cutoff)
+    eps = min(eps_list)
     check_run_options(n_samples, rtol, batch_size, seed)
     dim = flat.numel()
     measure_obj = make_measure(measure, flat, sigma=sigma, bounds=bounds)
@@ -213,38 +225,72 @@ def estimate_volume(
         )
 
     started = time.perf_counter()
-    records: list[DirectionRecords] = []
-    pilot_slopes: list[torch.Tensor] = []
+    # Searched from the largest cutoff down: each search starts from the probes of the previous one.
+    tracks = [_CutoffTrack(e, float(initial_radius)) for e in sorted(set(eps_list))]
     bar = ProgressBar(n_samples, enabled=progress)
-    start_radius, slope_hint = float(initial_radius), 2.0
     for lo, hi in direction_batches(n_samples, batch_size):
         indices = torch.arange(lo, hi, dtype=torch.int64)
         batch = DirectionBatch(ops, seed, indices, flat, precond, weights, bounds_vector)
         evaluator.start_batch(batch)
-        outcome = search_radii(
-            evaluator,
-            torch.full((hi - lo,), start_radius, dtype=torch.float64),
-            measure_obj.radius_cap(batch.stats),
-            eps,
-            rtol=rtol,
-            max_evals=max_evals,
-            slope_hint=slope_hint,
-        )
-        records.append(DirectionRecords.of_search(indices, batch.stats, outcome, measure_obj, log_det_p))
-        pilot_slopes.append(outcome.slopes)
-        if hi == 1:
-            start_radius = typical_radius(records[0].radii, start_radius)
-        if hi == min(PILOT_DIRECTIONS, n_samples):
-            # Radii concentrate in high dimension, and so does the slope of log C at the cutoff: the pilot's
-            # typical values start every later search (the same for any batch size).
-            start_radius = typical_radius(torch.cat([r.radii for r in records]), float(initial_radius))
-            slope_hint = typical_slope(torch.cat(pilot_slopes), slope_hint)
-        running = log_mean_exp(torch.cat([r.estimates for r in records]))
-        bar.update(hi - lo, evals=float(outcome.n_evals.double().mean()), log_volume=running)
+        cap, history, evals, previous = measure_obj.radius_cap(batch.stats), [], 0.0, None
+        for track in tracks:
+            outcome = search_radii(
+                evaluator,
+                track.first_probes(hi - lo, previous),
+                cap,
+                track.eps,
+                rtol=rtol,
+                max_evals=max_evals,
+                slope_hint=track.slope_hint,
+                history=history,
+            )
+            if previous is not None:
+                track.previous_radii.append(previous)
+            history, previous = outcome.history, outcome.radii
+            evals += float(outcome.n_evals.double().mean())
+            track.add(DirectionRecords.of_search(indices, batch.stats, outcome, measure_obj, log_det_p), hi, n_samples)
+        bar.update(hi - lo, evals=evals, log_volume=log_mean_exp(torch.cat([r.estimates for r in tracks[-1].records])))
     bar.close()
-    result = _assemble(DirectionRecords.concat(records), measure_obj, dim, eps, time.perf_counter() - started)
-    result.config.update(seed=seed, rtol=rtol, preconditioned=precond is not None, backend=ops.name)
-    return result
+    seconds = time.perf_counter() - started
+    by_cutoff = {t.eps: t for t in tracks}
+    results = []
+    for e in eps_list:
+        result = _assemble(DirectionRecords.concat(by_cutoff[e].records), measure_obj, dim, e, seconds)
+        result.config.update(seed=seed, rtol=rtol, preconditioned=precond is not None, backend=ops.name)
+        if len(eps_list) > 1:
+            result.info["cutoffs_searched_together"] = list(eps_list)
+        results.append(result)
+    return results if multiple else results[0]
+
+
+class _CutoffTrack:
+    """The directions finished for one cutoff, and the pilot's typical radius and slope there."""
+
+    def __init__(self, eps: float, initial_radius: float):
+        self.eps, self.initial_radius = eps, initial_radius
+        self.start_radius, self.slope_hint, self.ratio = initial_radius, 2.0, math.nan
+        self.records: list[DirectionRecords] = []
+        self.previous_radii: list[torch.Tensor] = []  # the radii at the next larger cutoff, if any
+
+    def first_probes(self, n: int, previous: torch.Tensor | None) -> torch.Tensor:
+        """A direction's radius at the previous cutoff times the pilot's typical ratio, else the typical radius."""
+        if previous is None or math.isnan(self.ratio):
+            return torch.full((n,), math.nan if previous is not None else self.start_radius, dtype=torch.float64)
+        return torch.where(torch.isfinite(previous), previous * self.ratio, torch.full_like(previous, math.nan))
+
+    def add(self, records: "DirectionRecords", end: int, n_samples: int) -> None:
+        self.records.append(records)
+        done = DirectionRecords.concat(self.records)
+        if end == 1:  # the rest of the pilot starts from direction 0's radius
+            self.start_radius = typical_radius(done.radii, self.start_radius)
+        if end == min(PILOT_DIRECTIONS, n_samples):
+            # Radii concentrate in high dimension, and so do the slope of log C at the cutoff and the ratio
+            # of radii at two cutoffs: the pilot's typical values start every later search (for any batch size).
+            self.start_radius = typical_radius(done.radii, self.initial_radius)
+            self.slope_hint = typical_slope(done.slopes, self.slope_hint)
+            if self.previous_radii:
+                ratios = done.radii / torch.cat(self.previous_radii)
+                self.ratio = typical_radius(ratios, math.nan)
 
 
 @dataclass
@@ -258,6 +304,7 @@ class DirectionRecords:
     props: torch.Tensor
     n_evals: torch.Tensor
     nonmonotone: torch.Tensor
+    slopes: torch.Tensor
     status: list[str]
 
     @classmethod
@@ -271,7 +318,9 @@ class DirectionRecords:
             radii = torch.where(unbounded, torch.full_like(radii, math.inf), radii)
         props = stats.props
         estimates = measure_obj.log_ray_measures(radii, stats) - measure_obj.dim * torch.log(props) + log_det_p
-        return cls(indices, estimates, radii, outcome.deltas, props, outcome.n_evals, outcome.nonmonotone, status)
+        return cls(
+            indices, estimates, radii, outcome.deltas, props, outcome.n_evals, outcome.nonmonotone, outcome.slopes, status
+        )
 
     @classmethod
     def concat(cls, parts: list["DirectionRecords"]) -> "DirectionRecords":

@@ -187,3 +187,23 @@ def test_nan_costs_do_not_raise():
         r = estimate_volume(cost, anchor, cutoff=1.0, n_samples=16, sigma=1.0)
     assert set(r.status) <= {"converged", "nonfinite"} and "nonfinite" in r.status
     assert torch.isfinite(r.estimates).all()
+
+
+def test_several_cutoffs_in_one_search_match_separate_searches():
+    h, anchor, cost = _ellipsoid(200, seed=4)
+    cutoffs = [1e-2, 1e-6, 1.0, 1e-4]
+    kw = dict(n_samples=12, seed=3, measure="uniform", preconditioner=h**-0.5)
+    together = estimate_volume(cost, anchor, cutoff=cutoffs, **kw)
+    assert [r.cutoff for r in together] == cutoffs
+    for eps, joint in zip(cutoffs, together):
+        alone = estimate_volume(cost, anchor, cutoff=eps, **kw)
+        truth = log_ball_volume(200) + 0.5 * float(torch.log(2 * eps / h).sum())
+        assert joint.status == ["converged"] * 12
+        torch.testing.assert_close(joint.estimates, torch.full_like(joint.estimates, truth), rtol=1e-8, atol=0)
+        torch.testing.assert_close(joint.estimates, alone.estimates, rtol=1e-8, atol=0)
+    # the quadratic cost gives each later cutoff's radius from the earlier ones almost for free
+    assert sum(r.evals_per_direction for r in together) < 4 * 2.5
+    with pytest.raises(ValueError, match="empty"):
+        estimate_volume(cost, anchor, cutoff=[], **kw)
+    with pytest.raises(ValueError, match="cutoff"):
+        estimate_volume(cost, anchor, cutoff=[1e-2, -1.0], **kw)
