@@ -54,6 +54,9 @@ DIRECTIONS = {
 # One thread by default: this 2-core machine is shared, and with 2 threads a busy neighbour on the other
 # core stalls every OpenMP barrier (a GPT-NeoX forward went from 65 ms to ~1 s); 1 thread measured steady.
 DEFAULT_THREADS = 1
+# Each timed call is repeated this many times and the fastest kept (the values are identical each time):
+# the minimum is the estimate least moved by other work on the shared machine. The LM's calls are long.
+REPEATS = {"digits_mlp": 3, "large_mlp": 2, "tiny_lm": 1}
 GOALS = {"speedup": {"digits_mlp": 8.0, "tiny_lm": 4.0}, "per_eval_over_bare": 1.3}
 
 
@@ -145,16 +148,21 @@ def distribution(values: torch.Tensor) -> dict:
     }
 
 
-def _timed(fn):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        started = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - started
-    return out, seconds, [str(w.message) for w in caught]
+def _timed(fn, repeats: int = 1):
+    """(result, fastest wall time of ``repeats`` calls, warning messages of the first call)."""
+    best, out, messages = math.inf, None, None
+    for _ in range(max(1, repeats)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            started = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - started)
+        if messages is None:
+            messages = [str(w.message) for w in caught]
+    return out, best, messages
 
 
-def run_baseline(bm, n: int, lean: bool = False) -> dict:
+def run_baseline(bm, n: int, lean: bool = False, repeats: int = 1) -> dict:
     def call():
         return baseline_estimate(
             bm.model,
@@ -168,7 +176,7 @@ def run_baseline(bm, n: int, lean: bool = False) -> dict:
             extra_calls=not lean,
         )
 
-    out, seconds, messages = _timed(call)
+    out, seconds, messages = _timed(call, repeats)
     return {
         "method": "baseline-lean" if lean else "baseline",
         "backend": "-",
@@ -183,12 +191,12 @@ def run_baseline(bm, n: int, lean: bool = False) -> dict:
     }
 
 
-def run_estimate(bm, n: int, backend: str, cutoff=None) -> dict:
+def run_estimate(bm, n: int, backend: str, repeats: int = 1) -> dict:
     def call():
         return lv.estimate(
             bm.model,
             bm.data,
-            cutoff=bm.cutoff if cutoff is None else cutoff,
+            cutoff=bm.cutoff,
             n_samples=n,
             sigma=bm.sigma,
             seed=SEED,
@@ -197,7 +205,7 @@ def run_estimate(bm, n: int, backend: str, cutoff=None) -> dict:
             backend=backend,
         )
 
-    result, seconds, messages = _timed(call)
+    result, seconds, messages = _timed(call, repeats)
     info = result.info
     return {
         "method": "ours-default" if backend == "auto" else f"ours-{backend}",
@@ -219,7 +227,7 @@ def run_estimate(bm, n: int, backend: str, cutoff=None) -> dict:
     }
 
 
-def run_multi_cutoff(bm, n: int) -> dict:
+def run_multi_cutoff(bm, n: int, repeats: int = 1) -> dict:
     """A 5-cutoff scan with ``estimate(cutoff=[...])``, or why it is not available."""
     try:
         result, seconds, messages = _timed(
@@ -232,7 +240,8 @@ def run_multi_cutoff(bm, n: int) -> dict:
                 seed=SEED,
                 rtol=bench_models.RTOL,
                 progress=False,
-            )
+            ),
+            repeats,
         )
     except (TypeError, ValueError) as error:
         return {"available": False, "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
@@ -286,11 +295,11 @@ def summarize(row: dict, model: dict, baseline: dict | None) -> dict:
     return out
 
 
-def measure_model(name: str, n: int, *, warmup: bool, lean: bool) -> dict:
+def measure_model(name: str, n: int, *, warmup: bool, lean: bool, repeats: int = 1) -> dict:
     started = time.perf_counter()
     bm = bench_models.build(name)
     build_seconds = time.perf_counter() - started
-    repeats = 7 if name == "tiny_lm" else 31
+    bare_repeats = 7 if name == "tiny_lm" else 31
     model = {
         "name": name,
         "description": bm.description,
@@ -298,22 +307,23 @@ def measure_model(name: str, n: int, *, warmup: bool, lean: bool) -> dict:
         "sigma": bm.sigma,
         "cutoff": bm.cutoff,
         "rtol": bench_models.RTOL,
+        "repeats": repeats,
         "notes": bm.notes,
         "build_seconds": build_seconds,
-        "bare_forward_seconds": bench_models.bare_forward_seconds(bm, repeats=repeats),
+        "bare_forward_seconds": bench_models.bare_forward_seconds(bm, repeats=bare_repeats),
     }
     if warmup:  # one-time costs (lazy imports, kernel loading, allocator growth) out of the timings
         run_estimate(bm, 2, "auto")
         run_estimate(bm, 2, "reference")
         run_baseline(bm, 1)
     print(f"[compare] {name}: D = {bm.dim:,}, bare forward {model['bare_forward_seconds'] * 1e3:.3g} ms", flush=True)
-    baseline = run_baseline(bm, n)
+    baseline = run_baseline(bm, n, repeats=repeats)
     rows = [summarize(baseline, model, baseline)]
     if lean:
-        rows.append(summarize(run_baseline(bm, n, lean=True), model, baseline))
-    reference = run_estimate(bm, n, "reference")
+        rows.append(summarize(run_baseline(bm, n, lean=True, repeats=repeats), model, baseline))
+    reference = run_estimate(bm, n, "reference", repeats)
     rows.append(summarize(reference, model, baseline))
-    default = run_estimate(bm, n, "auto")
+    default = run_estimate(bm, n, "auto", repeats)
     rows.append(summarize(default, model, baseline))
     for row in rows:
         print(
@@ -321,7 +331,7 @@ def measure_model(name: str, n: int, *, warmup: bool, lean: bool) -> dict:
             f"x{row['speedup_vs_baseline']:.2f}  evals/dir {row['evals_per_direction']['mean']:.2f}",
             flush=True,
         )
-    multi = run_multi_cutoff(bm, n)
+    multi = run_multi_cutoff(bm, n, repeats)
     if multi["available"]:
         multi["single_cutoff_seconds"] = default["seconds"]
         multi["ratio_to_single_cutoff"] = multi["seconds"] / default["seconds"]
@@ -346,26 +356,28 @@ def _converged(row) -> str:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [
-        "# Speed: localvol_fast vs the reference algorithm",
-        "",
+    load_start = _fmt(m["load_average_start"][0]) if m["load_average_start"] else "-"
+    load_end = _fmt(report["load_average_end"][0]) if report["load_average_end"] else "-"
+    machine = (
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}, "
         f"transformers {m['transformers']}; backends {', '.join(m['backends'])}; commit "
         f"{(m['git_commit'] or 'unknown')[:10]}{' (with local changes)' if m['git_dirty'] else ''}; {m['date']}; "
-        f"mode {report['mode']}; load average {_fmt(m['load_average_start'][0]) if m['load_average_start'] else '-'}"
-        f" -> {_fmt(report['load_average_end'][0]) if report['load_average_end'] else '-'} (the machine is shared: "
-        "other work on it moves every timing; the ratios come from one run).",
-        "",
+        f"mode {report['mode']}; load average {load_start} -> {load_end} (the machine is shared: other work on it "
+        "moves every timing; the ratios come from one run)."
+    )
+    setting = (
         f"Cutoff eps = {report['cutoff']:g} nats, rtol = {report['rtol']:g}, Gaussian measure, isotropic directions, "
         "the same directions (seed 0) for every method. baseline = tyche's search re-implemented "
         "(`localvol_fast/baseline.py`: one direction at a time, doubling + bisection, anchor forward in every "
         "evaluation, centre evaluation and repeated first probe); baseline-lean = the same search with the "
-        "anchor cached and without those two extra calls.",
-        "",
+        "anchor cached and without those two extra calls."
+    )
+    header = (
         "| model | D | method | backend | dirs | fwd/dir mean | median | p90 | max | evals/dir | ms/dir | "
-        "speedup vs baseline | per-eval / bare fwd | max \\|d est\\| (nats) | D*rtol | converged |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        "speedup vs baseline | per-eval / bare fwd | max \\|d est\\| (nats) | D*rtol | converged |"
+    )
+    rule = "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    lines = ["# Speed: localvol_fast vs the reference algorithm", "", machine, "", setting, "", header, rule]
     for entry in report["models"]:
         for row in entry["rows"]:
             f = row["forward_passes_per_direction"]
@@ -376,12 +388,17 @@ def markdown(report: dict) -> str:
                 f"{_fmt(row['speedup_vs_baseline'])} | {_fmt(row['per_eval_over_bare_forward'])} | "
                 f"{_fmt(row['max_abs_estimate_difference'])} | {_fmt(row['d_times_rtol'])} | {_converged(row)} |"
             )
-    lines += ["", "| model | bare forward (ms) | 5-cutoff scan / single cutoff |", "|---|---:|---|"]
+    lines += [
+        "",
+        "| model | bare forward (ms) | timed calls per method (fastest kept) | 5-cutoff scan / single cutoff |",
+        "|---|---:|---:|---|",
+    ]
     for entry in report["models"]:
         model = entry["model"]
         multi = model["multi_cutoff"]
         scan = f"{multi['ratio_to_single_cutoff']:.3g}x" if multi["available"] else "not available yet"
-        lines.append(f"| {model['name']} | {_fmt(model['bare_forward_seconds'] * 1e3)} | {scan} |")
+        bare = _fmt(model["bare_forward_seconds"] * 1e3)
+        lines.append(f"| {model['name']} | {bare} | {model.get('repeats', 1)} | {scan} |")
     lines += ["", "Goals (ratios measured in this run; not asserted anywhere):", ""]
     for entry in report["models"]:
         name = entry["model"]["name"]
@@ -391,18 +408,20 @@ def markdown(report: dict) -> str:
         parts = [
             f"speedup {default['speedup_vs_baseline']:.3g}x" + (f" (goal >= {goal:g}x)" if goal else ""),
             f"per-eval / bare forward {default['per_eval_over_bare_forward']:.3g} (goal <= {GOALS['per_eval_over_bare']:g})",
-            f"fwd/dir {default['forward_passes_per_direction']['mean']:.3g} mean, "
-            f"{default['forward_passes_per_direction']['max']:.3g} max",
+            (
+                f"fwd/dir {default['forward_passes_per_direction']['mean']:.3g} mean, "
+                f"{default['forward_passes_per_direction']['max']:.3g} max"
+            ),
             f"estimates within D*rtol of the baseline: {'yes' if within else 'NO'}",
         ]
         lines.append(f"- {name}: " + "; ".join(parts))
-    lines += [
-        "",
+    legend = (
         "fwd/dir: forward passes of the model over its evaluation data per direction (baseline: 2 per evaluation; "
         "ours: 1 per probe, vmapped probes counted one each, plus 2 anchor passes per run not counted). "
         "ms/dir: wall time of the whole call / directions. per-eval / bare fwd: (ms/dir / evals/dir) / bare forward. "
-        "Written by `bench/compare.py`; per-direction values in `compare.json`.",
-    ]
+        "Written by `bench/compare.py`; per-direction values in `compare.json`."
+    )
+    lines += ["", legend]
     return "\n".join(lines) + "\n"
 
 
@@ -429,6 +448,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(bench_models.BUILDERS))
     parser.add_argument("--directions", type=int, default=None, help="directions per model (overrides the mode's)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per method, fastest kept")
     parser.add_argument("--no-lean", action="store_true", help="skip the baseline-lean row")
     args = parser.parse_args(argv)
 
@@ -453,9 +473,9 @@ def main(argv=None) -> dict:
         "models": [],
     }
     for name, n in plan.items():
-        report["models"].append(
-            measure_model(name, n, warmup=mode != "tiny", lean=not (args.no_lean or mode == "tiny"))
-        )
+        repeats = args.repeats or (1 if mode == "tiny" else REPEATS.get(name, 1))
+        lean = not (args.no_lean or mode == "tiny")
+        report["models"].append(measure_model(name, n, warmup=mode != "tiny", lean=lean, repeats=repeats))
     report["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["cpu_pressure_end"] = _cpu_pressure()
     report["seconds"] = time.perf_counter() - started

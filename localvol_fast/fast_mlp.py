@@ -68,8 +68,8 @@ class SequentialMLPCost(ModelCost):
     def supports(cls, model, batches, named_params) -> bool:
         return _plain_mlp_layers(model, named_params) is not None and _plain_batches(batches)
 
-    def __init__(self, model, batches, neighborhood, named_params, backend, use_vmap=True, l2_reg=0.0):
-        super().__init__(model, batches, neighborhood, named_params, backend, use_vmap=use_vmap, l2_reg=l2_reg)
+    def __init__(self, model, batches, neighborhood, named_params, backend, **options):
+        super().__init__(model, batches, neighborhood, named_params, backend, **options)
         self.layers = _plain_mlp_layers(model, named_params)
         self.mode = "fused-triton" if backend.name == "triton" else "mlp"
         first, _, _ = self.layers[0]
@@ -105,7 +105,8 @@ class SequentialMLPCost(ModelCost):
         rows_d = rows.to(device)
         t = radii.to(device, self.anchor.dtype)
         total = torch.zeros(rows.numel(), dtype=torch.float64, device=device)
-        for k, (batch, cache) in enumerate(zip(self.batches, self.caches)):
+        for k, batch in enumerate(self.batches):
+            cache = self.cache_of(k)
             for lo in range(0, rows.numel(), self.probe_chunk):
                 sl = slice(lo, lo + self.probe_chunk)
                 if self.mode == "fused-triton":

@@ -64,6 +64,22 @@ def _positive_vector(value, dim: int, name: str) -> tuple[float | None, torch.Te
     return scalar, None
 
 
+_CHUNK = 1 << 22
+
+
+def sum_of_squares(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """sum_i x_i^2 (times weights_i) in float64, in chunks: no float64 copy of a billion-entry anchor."""
+    x = x.detach().reshape(-1)
+    total = 0.0
+    for lo in range(0, x.numel(), _CHUNK):
+        piece = x[lo : lo + _CHUNK].double()
+        piece = piece * piece
+        if weights is not None:
+            piece = piece * weights[lo : lo + _CHUNK].to(piece.device)
+        total += float(piece.sum())
+    return total
+
+
 class GaussianMeasure:
     """N(0, diag(sigma^2)) about the origin: the initialization distribution, not centred at the anchor.
 
@@ -77,17 +93,16 @@ class GaussianMeasure:
     def __init__(self, anchor: torch.Tensor, sigma):
         self.dim = anchor.numel()
         self.sigma_scalar, self.sigma_vector = _positive_vector(sigma, self.dim, "sigma")
-        x = anchor.detach().reshape(-1).double()
         if self.sigma_scalar is not None:
             self.weights = None
             self._scale = 1.0 / self.sigma_scalar**2
             self._log_normalizer = -0.5 * self.dim * math.log(2 * math.pi) - self.dim * math.log(self.sigma_scalar)
-            self._c = -0.5 * float((x * x).sum()) * self._scale
+            self._c = -0.5 * sum_of_squares(anchor) * self._scale
         else:
             self.weights = 1.0 / self.sigma_vector**2
             self._scale = 1.0
             self._log_normalizer = -0.5 * self.dim * math.log(2 * math.pi) - float(torch.log(self.sigma_vector).sum())
-            self._c = -0.5 * float((x * x * self.weights).sum())
+            self._c = -0.5 * sum_of_squares(anchor, self.weights)
         self.bounds = None
 
     def radial_coefficients(self, stats: DirectionStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +147,8 @@ class UniformMeasure:
         self.weights = None
         self.is_box = bounds is not None
         self.outside_reason = None
-        x = anchor.detach().reshape(-1).double()
         if self.is_box:
+            x = anchor.detach().reshape(-1).double()
             scalar, vector = _positive_vector(bounds, self.dim, "bounds")
             self.bounds = vector if vector is not None else torch.full((self.dim,), scalar, dtype=torch.float64)
             self._log_normalizer = -float(torch.log(2 * self.bounds).sum())
@@ -149,7 +164,7 @@ class UniformMeasure:
             self.bounds = None
             self._log_normalizer = 0.0
         if max_radius is None:
-            max_radius = _LEBESGUE_MAX_RADIUS_FACTOR * max(float(torch.linalg.vector_norm(x)), 1.0)
+            max_radius = _LEBESGUE_MAX_RADIUS_FACTOR * max(math.sqrt(sum_of_squares(anchor)), 1.0)
         self.max_radius = float(max_radius)
 
     def radius_cap(self, stats: DirectionStats) -> torch.Tensor:
@@ -186,8 +201,7 @@ def make_measure(measure: str, anchor: torch.Tensor, *, sigma=None, bounds=None)
         if bounds is not None:
             raise ValueError("bounds apply to the uniform measure; pass measure='uniform' or drop bounds")
         if sigma is None:
-            x = anchor.detach().double()
-            sigma = float(torch.sqrt((x * x).mean()))
+            sigma = math.sqrt(sum_of_squares(anchor) / anchor.numel())
             if not sigma > 0:
                 raise ValueError("the anchor is all zeros, so sigma=None (its RMS) is 0; pass sigma explicitly")
         return GaussianMeasure(anchor, sigma)

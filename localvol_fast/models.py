@@ -27,6 +27,8 @@ from .result import VolumeResult
 from .volume import PointCost, check_cutoffs, estimate_volume
 
 _PROBE_ELEMENTS = 1 << 25  # bound on probes x output elements in one vmapped forward
+ANCHOR_CACHE_MODES = ("auto", "device", "cpu", "recompute")
+INPLACE_MIN_PARAMETERS = 1 << 24  # from this many perturbed parameters "auto" evaluates in place
 
 
 def select_parameters(model: torch.nn.Module, params=None) -> list[tuple[str, torch.nn.Parameter]]:
@@ -58,10 +60,15 @@ def select_parameters(model: torch.nn.Module, params=None) -> list[tuple[str, to
 
 
 @contextlib.contextmanager
-def preserved_model(model: torch.nn.Module, device=None):
-    """Run in eval mode (on ``device``), then restore weights, buffers, modes and device exactly."""
+def preserved_model(model: torch.nn.Module, device=None, restored_elsewhere=()):
+    """Run in eval mode (on ``device``), then restore weights, buffers, modes and device exactly.
+
+    ``restored_elsewhere``: names of parameters the caller restores itself (from its anchor copy), so
+    that no second full copy of a large model is kept here.
+    """
     modes = [(m, m.training) for m in model.modules()]
-    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    skip = set(restored_elsewhere)
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
     original_device = next(iter(model.parameters())).device
     try:
         if device is not None and torch.device(device) != original_device:
@@ -86,11 +93,21 @@ class ModelCost(PointCost):
     """
 
     def __init__(
-        self, model, batches: list[Batch], neighborhood, named_params, backend, use_vmap: bool = True, l2_reg: float = 0.0
+        self,
+        model,
+        batches: list[Batch],
+        neighborhood,
+        named_params,
+        backend,
+        use_vmap: bool = True,
+        l2_reg: float = 0.0,
+        anchor_cache: str = "auto",
+        memory_budget: float | None = None,
     ):
         super().__init__(self._model_costs)
         self.model, self.batches, self.neighborhood, self.backend = model, batches, neighborhood, backend
         self.l2_reg = float(l2_reg)
+        self.params = [p for _, p in named_params]
         self.names = [n for n, _ in named_params]
         self.shapes = [p.shape for _, p in named_params]
         self.dtypes = [p.dtype for _, p in named_params]
@@ -102,16 +119,63 @@ class ModelCost(PointCost):
         self.dim = self.anchor.numel()
         accepts = inspect.signature(model.forward).parameters
         self._add_positions = "position_ids" in accepts
+        if anchor_cache not in ANCHOR_CACHE_MODES:
+            raise ValueError(f"anchor_cache must be one of {ANCHOR_CACHE_MODES}, got {anchor_cache!r}")
+        self.anchor_cache = anchor_cache
+        self.memory_budget, self._cache_bytes = _cache_budget(memory_budget, self.anchor.device), 0
         with torch.no_grad():
-            self.caches = [neighborhood.prepare(self.forward_plain(b), b) for b in batches]
+            self.caches = [self._stored(neighborhood.prepare(self.forward_plain(b), b)) for b in batches]
         self.total_weight = sum(c["weight"] for c in self.caches)
         if not self.total_weight > 0:
             raise ValueError("the evaluation data has no unmasked position (every attention_mask entry is 0)")
         self.mode = "vmap" if use_vmap else "sequential"
         self.fallback_reason = None
-        largest = max(c.get("log_probs", torch.empty(1)).numel() for c in self.caches)
+        largest = max(c.get("elements", 1) for c in self.caches)
         self.probe_chunk = max(1, _PROBE_ELEMENTS // max(largest, 1))
         self.n_forward = 0
+
+    def _stored(self, cache: dict) -> dict:
+        """Keep the anchor's outputs where ``anchor_cache`` says: on the device, on the CPU, or not at all;
+        "auto" keeps them on the device while they fit in the memory budget, the rest on the CPU."""
+        if "log_probs" not in cache:
+            return cache
+        size = cache["log_probs"].numel() * cache["log_probs"].element_size()
+        if self.anchor_cache == "recompute":
+            del cache["log_probs"]
+        elif self.anchor_cache == "cpu" or (self.anchor_cache == "auto" and self._cache_bytes + size > self.memory_budget):
+            cache["log_probs"] = cache["log_probs"].cpu()
+        else:
+            self._cache_bytes += size
+        return cache
+
+    def cache_of(self, k: int) -> dict:
+        """Batch k's anchor cache on the run device (recomputed from the anchor's weights if not kept)."""
+        cache = self.caches[k]
+        if "elements" not in cache:  # only the KL neighborhood caches outputs
+            return cache
+        if "log_probs" in cache:
+            if cache["log_probs"].device == self.anchor.device:
+                return cache
+            return {**cache, "log_probs": cache["log_probs"].to(self.anchor.device, non_blocking=True)}
+        self.restore_weights()
+        fresh = self.neighborhood.prepare(self.forward_plain(self.batches[k]), self.batches[k])
+        self.n_forward += 1
+        return {**cache, **fresh}
+
+    def cache_placement(self) -> str:
+        """Where the anchor's outputs ended up: "device", "cpu", "device+cpu", "recompute" or "none"."""
+        places = {str(c["log_probs"].device.type) if "log_probs" in c else "recompute" for c in self.caches if "elements" in c}
+        device = self.anchor.device.type
+        names = sorted({"device" if p == device else p for p in places})
+        return "+".join(names) if names else "none"
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Write the anchor back into the perturbed parameters (exact: the anchor is a copy of them)."""
+        offset = 0
+        for p in self.params:
+            p.copy_(self.anchor[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
 
     def _kwargs(self, batch: Batch) -> dict:
         kwargs = dict(batch.kwargs)
@@ -138,7 +202,8 @@ class ModelCost(PointCost):
 
     def _costs_vmap(self, thetas: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
-        for batch, cache in zip(self.batches, self.caches):
+        for k, batch in enumerate(self.batches):
+            cache = self.cache_of(k)
             one = lambda params: self._per_probe(params, batch)  # noqa: E731
             for lo in range(0, thetas.shape[0], self.probe_chunk):
                 chunk = thetas[lo : lo + self.probe_chunk]
@@ -149,11 +214,11 @@ class ModelCost(PointCost):
 
     def _costs_sequential(self, thetas: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
-        for k in range(thetas.shape[0]):
-            params = self.params_of(thetas[k])
-            for batch, cache in zip(self.batches, self.caches):
+        for j in range(thetas.shape[0]):
+            params = self.params_of(thetas[j])
+            for k, batch in enumerate(self.batches):
                 values = self._per_probe(params, batch).unsqueeze(0)
-                total[k] += self.neighborhood.combine(values, cache, self.backend)[0]
+                total[j] += self.neighborhood.combine(values, self.cache_of(k), self.backend)[0]
                 self.n_forward += 1
         return total
 
@@ -199,6 +264,34 @@ def selected_optimizer_state(optimizer, model, named_params):
         state[sid] = entry
         chosen.append(sid)
     return {"state": state, "param_groups": [{"params": chosen}]}
+
+
+EVALUATION_MODES = ("auto", "vmap", "sequential", "inplace")
+
+
+def _cache_budget(memory_budget, device) -> float:
+    """Bytes the anchor's outputs may take on the device: a quarter of free GPU memory by default."""
+    if memory_budget is not None:
+        if not memory_budget > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        return float(memory_budget)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 4
+    return float("inf")
+
+
+def _make_cost(evaluation, model, batches, neighborhood, named, ops, **options):
+    if evaluation == "inplace":
+        from .inplace import InPlaceModelCost
+
+        return InPlaceModelCost(model, batches, neighborhood, named, ops, **options)
+    if evaluation == "vmap":
+        from .fast_mlp import SequentialMLPCost
+
+        if SequentialMLPCost.supports(model, batches, named):
+            return SequentialMLPCost(model, batches, neighborhood, named, ops, **options)
+    return ModelCost(model, batches, neighborhood, named, ops, use_vmap=evaluation == "vmap", **options)
 
 
 def resolve_preconditioner(preconditioner, optimizer, model, named_params, forward, batches, *, exponent, eps, passes, seed):
@@ -263,6 +356,13 @@ def estimate(
     use_vmap: bool = True,
     backend: str = "auto",
     l2_reg: float = 0.0,
+    evaluation: str = "auto",
+    anchor_cache: str = "auto",
+    memory_budget: float | None = None,
+    data_batch_size: int | None = None,
+    output=None,
+    resume: bool = False,
+    distributed: bool = False,
 ) -> VolumeResult:
     """Estimate the local volume of ``model`` around its current weights, in nats.
 
@@ -281,6 +381,17 @@ def estimate(
     backend: the kernels of the inner loop ("auto", "reference", "cpu", "cuda", "triton"; see
         ``localvol_fast.available_backends()``); every backend gives the same directions.
     cutoff: eps, or a list of cutoffs searched together (a list of results comes back, one per cutoff).
+    evaluation: how probes run: "vmap" (several per forward pass; a plain MLP gets its factored fast path),
+        "sequential" (one at a time, functionally), "inplace" (written into the model's own weights from
+        one anchor copy: for large models, memory independent of n_samples), or "auto" (in place from
+        16.8 M perturbed parameters, else vmap; use_vmap=False means sequential).
+    anchor_cache: where the anchor's outputs are kept: "device", "cpu", "recompute" (an extra forward
+        per evaluation), or "auto" (the device when they fit in the memory budget, else the CPU).
+    memory_budget: bytes the anchor cache may take on the device (default: a quarter of the free GPU
+        memory on CUDA, unlimited on the CPU). data_batch_size: rows per forward pass of a tensor input.
+    output, resume: a JSON-lines journal of finished directions, and continuing the run it holds
+        (see ``estimate_volume``). distributed: shard directions over torch.distributed ranks (torchrun);
+        each rank must hold the same model and data (on its own device).
     Returns a ``VolumeResult``; ``result.info`` holds timings, forward counts and the preconditioner's cost.
     """
     if not isinstance(model, torch.nn.Module):
@@ -289,46 +400,68 @@ def estimate(
     check_cutoffs(cutoff)
     if not list(model.parameters()):
         raise ValueError("the model has no parameters to perturb")
+    if evaluation not in EVALUATION_MODES:
+        raise ValueError(f"evaluation must be one of {EVALUATION_MODES}, got {evaluation!r}")
     started = time.perf_counter()
-    with preserved_model(model, device):
-        run_device = next(iter(model.parameters())).device
-        named = select_parameters(model, params)
-        batches, notes = prepare_batches(data, run_device)
-        ops = get_backend(backend, run_device)
-        cost_class = ModelCost
-        if use_vmap:  # use_vmap=False asks for the plain one-probe-at-a-time path
-            from .fast_mlp import SequentialMLPCost
-
-            if SequentialMLPCost.supports(model, batches, named):
-                cost_class = SequentialMLPCost
-        cost = cost_class(model, batches, nb, named, ops, use_vmap=use_vmap, l2_reg=l2_reg)
-        precond, precond_info = resolve_preconditioner(
-            preconditioner,
-            optimizer,
-            model,
-            named,
-            cost.forward_plain,
-            batches,
-            exponent=preconditioner_exponent,
-            eps=preconditioner_eps,
-            passes=fisher_passes,
-            seed=seed,
-        )
-        result = estimate_volume(
-            cost,
-            cost.anchor,
-            cutoff=cutoff,
-            n_samples=n_samples,
-            measure=measure,
-            sigma=sigma,
-            bounds=bounds,
-            preconditioner=precond,
-            seed=seed,
-            rtol=rtol,
-            batch_size=batch_size,
-            progress=progress,
-            backend=ops.name,
-        )
+    named = select_parameters(model, params)
+    dim = sum(p.numel() for _, p in named)
+    if evaluation == "auto":
+        evaluation = "inplace" if dim >= INPLACE_MIN_PARAMETERS else ("vmap" if use_vmap else "sequential")
+    in_place = evaluation == "inplace"
+    cost = None
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    with preserved_model(model, device, restored_elsewhere=[name_of[id(p)] for _, p in named] if in_place else ()):
+        try:
+            run_device = next(iter(model.parameters())).device
+            named = select_parameters(model, params)  # the same parameters, now on the run device
+            batches, notes = prepare_batches(data, run_device, data_batch_size)
+            ops = get_backend(backend, run_device)
+            cost = _make_cost(
+                evaluation, model, batches, nb, named, ops,
+                l2_reg=l2_reg, anchor_cache=anchor_cache, memory_budget=memory_budget,
+            )
+            precond, precond_info = resolve_preconditioner(
+                preconditioner,
+                optimizer,
+                model,
+                named,
+                cost.forward_plain,
+                batches,
+                exponent=preconditioner_exponent,
+                eps=preconditioner_eps,
+                passes=fisher_passes,
+                seed=seed,
+            )
+            result = estimate_volume(
+                cost,
+                cost.anchor,
+                cutoff=cutoff,
+                n_samples=n_samples,
+                measure=measure,
+                sigma=sigma,
+                bounds=bounds,
+                preconditioner=precond,
+                seed=seed,
+                rtol=rtol,
+                batch_size=batch_size,
+                progress=progress,
+                backend=ops.name,
+                output=output,
+                resume=resume,
+                distributed=distributed,
+                run_info={
+                    "neighborhood": nb.name,
+                    "l2_reg": l2_reg,
+                    "model": type(model).__name__,
+                    "parameters": [n for n, _ in named],
+                    "data_rows": [b.n_rows for b in batches],
+                    "evaluation": cost.mode,
+                    "preconditioner_kind": precond_info["name"],
+                },
+            )
+        finally:
+            if cost is not None:
+                cost.restore_weights()
     if cost.fallback_reason:
         notes.append(f"vmap was not usable for this model ({cost.fallback_reason}); probes ran one at a time")
     for r in result if isinstance(result, list) else [result]:
@@ -337,6 +470,7 @@ def estimate(
             seconds_total=time.perf_counter() - started,
             forward_passes=cost.n_forward,
             evaluation=cost.mode,
+            anchor_cache=cost.cache_placement(),
             preconditioner=precond_info,
         )
         r.config.update(

@@ -55,6 +55,7 @@ class KLNeighborhood:
             "log_probs": log_probs.reshape(1, -1, vocab),
             "mask": None if mask is None else mask.reshape(1, -1),
             "weight": float(n_positions),
+            "elements": log_probs.numel(),
         }
 
     @staticmethod

@@ -12,10 +12,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .measures import DirectionStats, make_measure
+from .distributed import gather, owns, process_group
+from .journal import RunJournal, anchor_fingerprint, records_to_rows, rows_to_fields
 from .ops import get_backend
 from .philox import seed_to_key
 from .preconditioners import log_det, normalize_preconditioner
@@ -37,13 +40,15 @@ def _check_anchor(anchor) -> torch.Tensor:
     flat = anchor.detach().reshape(-1)
     if flat.numel() == 0:
         raise ValueError("anchor is empty: there are no parameters to perturb")
-    bad = ~torch.isfinite(flat)
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0])
-        raise ValueError(
-            f"the anchor holds {int(bad.sum())} NaN/inf values (first at index {k}: {float(flat[k])!r}); "
-            "the local volume of a non-finite network is undefined"
-        )
+    chunk = 1 << 22  # checked in pieces: no full-size temporary for a billion-parameter anchor
+    for lo in range(0, flat.numel(), chunk):
+        bad = ~torch.isfinite(flat[lo : lo + chunk])
+        if bool(bad.any()):
+            k = lo + int(bad.nonzero()[0])
+            raise ValueError(
+                f"the anchor holds NaN/inf values (first at index {k}: {float(flat[k])!r}); "
+                "the local volume of a non-finite network is undefined"
+            )
     return flat
 
 
@@ -75,17 +80,18 @@ def check_run_options(n_samples, rtol, batch_size, seed) -> None:
     seed_to_key(seed)
 
 
-def direction_batches(n_samples: int, batch_size: int, pilot: int = PILOT_DIRECTIONS):
-    """Index ranges: direction 0, the rest of the pilot, then the others, each at most ``batch_size`` long.
+def direction_batches(indices: list[int], batch_size: int, pilot: int = PILOT_DIRECTIONS):
+    """The directions to run as int64 batches: direction 0, the rest of the pilot, then the others,
+    each at most ``batch_size`` long.
 
     The split depends on ``batch_size`` but the search of every direction does not: direction 0 starts
     from the initial radius, the other pilot directions from its radius, and all later ones from the
     pilot's typical radius and slope.
     """
-    pilot = min(pilot, n_samples)
-    for lo, hi in ((0, min(1, n_samples)), (1, pilot), (pilot, n_samples)):
-        for start in range(lo, hi, batch_size):
-            yield start, min(start + batch_size, hi)
+    groups = ([i for i in indices if i == 0], [i for i in indices if 0 < i < pilot], [i for i in indices if i >= pilot])
+    for group in groups:
+        for start in range(0, len(group), batch_size):
+            yield torch.tensor(group[start : start + batch_size], dtype=torch.int64)
 
 
 def typical_radius(radii: torch.Tensor, fallback: float) -> float:
@@ -177,6 +183,10 @@ def estimate_volume(
     initial_radius: float = 1.0,
     max_evals: int = 64,
     backend: str = "auto",
+    output=None,
+    resume: bool = False,
+    distributed: bool = False,
+    run_info: dict | None = None,
 ) -> VolumeResult:
     """Estimate the local volume of {theta : fn(theta) <= cutoff} around ``anchor``.
 
@@ -193,6 +203,11 @@ def estimate_volume(
     rtol: a radius is accepted when |C - eps| <= rtol * eps. initial_radius: first probe of the pilot.
     backend: "auto", "reference", "cpu", "cuda" or "triton": the kernels that generate, measure and
         apply the directions (``localvol_fast.available_backends()``); all give the same directions.
+    output: a JSON-lines journal (e.g. "run.jsonl") that gets every finished batch of directions;
+        resume=True continues the run it holds (refusing one written with another configuration) and
+        gives exactly the uninterrupted result. run_info: extra configuration a resumed run must match.
+    distributed: shard the directions over the processes of torch.distributed (start with torchrun);
+        every rank gets the whole result, equal to a single-process run with the same seed.
     Returns a ``VolumeResult`` (log volume in nats), or a list of them for a list of cutoffs.
     """
     evaluator = fn if hasattr(fn, "start_batch") else PointCost(fn)
@@ -225,18 +240,36 @@ def estimate_volume(
         )
 
     started = time.perf_counter()
-    # Searched from the largest cutoff down: each search starts from the probes of the previous one.
-    tracks = [_CutoffTrack(e, float(initial_radius)) for e in sorted(set(eps_list))]
-    bar = ProgressBar(n_samples, enabled=progress)
-    for lo, hi in direction_batches(n_samples, batch_size):
-        indices = torch.arange(lo, hi, dtype=torch.int64)
+    rank, world_size = process_group(distributed)
+    pilot = PILOT_DIRECTIONS  # fixed, so that a run extended later searches its directions the same way
+    # Searched from the smallest cutoff up: each search starts from the probes of the one before.
+    tracks: list[_CutoffTrack] = []
+    for e in sorted(set(eps_list)):
+        tracks.append(_CutoffTrack(e, float(initial_radius), pilot, tracks[-1] if tracks else None))
+    journal = None
+    if output is not None:
+        config = {
+            "seed": seed, "cutoffs": sorted(set(eps_list)), "measure": measure_obj.describe(), "rtol": rtol,
+            "max_evals": max_evals, "initial_radius": float(initial_radius), "backend": ops.name,
+            "anchor": anchor_fingerprint(flat), "preconditioner": None if precond is None else anchor_fingerprint(precond),
+            **(run_info or {}),
+        }
+        journal = _open_journal(output, config, resume, rank, world_size)
+    done = journal.done_indices(eps_list) if journal is not None else set()
+    for track in tracks:  # directions finished by an earlier run count as done (and set the pilot's figures)
+        if done:
+            track.add(DirectionRecords(**rows_to_fields(journal.records(track.eps, sorted(done)))))
+    todo = [i for i in range(n_samples) if i not in done and owns(i, rank, world_size, pilot)]
+    bar = ProgressBar(len(todo), enabled=progress and rank == 0)
+    new_parts = {t.eps: [] for t in tracks}
+    for indices in direction_batches(todo, batch_size, pilot):
         batch = DirectionBatch(ops, seed, indices, flat, precond, weights, bounds_vector)
         evaluator.start_batch(batch)
         cap, history, evals, previous = measure_obj.radius_cap(batch.stats), [], 0.0, None
         for track in tracks:
             outcome = search_radii(
                 evaluator,
-                track.first_probes(hi - lo, previous),
+                track.first_probes(indices, previous),
                 cap,
                 track.eps,
                 rtol=rtol,
@@ -244,102 +277,163 @@ def estimate_volume(
                 slope_hint=track.slope_hint,
                 history=history,
             )
-            if previous is not None:
-                track.previous_radii.append(previous)
             history, previous = outcome.history, outcome.radii
             evals += float(outcome.n_evals.double().mean())
-            track.add(DirectionRecords.of_search(indices, batch.stats, outcome, measure_obj, log_det_p), hi, n_samples)
-        bar.update(hi - lo, evals=evals, log_volume=log_mean_exp(torch.cat([r.estimates for r in tracks[-1].records])))
+            records = DirectionRecords.of_search(indices, batch.stats, outcome, measure_obj)
+            track.add(records)
+            new_parts[track.eps].append(records)
+        if journal is not None:  # a batch is journaled only once every cutoff is done
+            for track in tracks:
+                finished = new_parts[track.eps][-1]
+                journal.append(track.eps, finished, finished.estimates(measure_obj, log_det_p))
+        running = log_mean_exp(tracks[0].done().estimates(measure_obj, log_det_p)) if progress else math.nan
+        bar.update(indices.numel(), evals=evals, log_volume=running)
     bar.close()
     seconds = time.perf_counter() - started
     by_cutoff = {t.eps: t for t in tracks}
     results = []
     for e in eps_list:
-        result = _assemble(DirectionRecords.concat(by_cutoff[e].records), measure_obj, dim, e, seconds)
+        records = by_cutoff[e].done()
+        if world_size > 1:  # everyone's directions, on every rank
+            rows = gather(records_to_rows(DirectionRecords.concat(new_parts[e])) if new_parts[e] else [], world_size)
+            records = DirectionRecords.concat([records, DirectionRecords(**rows_to_fields(rows))] if rows else [records])
+        result = _assemble(records.by_index(), measure_obj, e, log_det_p, seconds)
         result.config.update(seed=seed, rtol=rtol, preconditioned=precond is not None, backend=ops.name)
+        result.info["processes"] = world_size
         if len(eps_list) > 1:
             result.info["cutoffs_searched_together"] = list(eps_list)
         results.append(result)
     return results if multiple else results[0]
 
 
+def _open_journal(output, config: dict, resume: bool, rank: int, world_size: int) -> RunJournal:
+    """Rank r of several writes its own file beside ``output``; a resumed run reads all of them."""
+    path = Path(output)
+    own = path if world_size == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+    others = [p for p in [path, *sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))] if p != own]
+    return RunJournal(own, config, resume, extra_paths=others)
+
+
 class _CutoffTrack:
-    """The directions finished for one cutoff, and the pilot's typical radius and slope there."""
+    """The directions finished for one cutoff, and the pilot's typical radius, slope and radius ratio.
 
-    def __init__(self, eps: float, initial_radius: float):
-        self.eps, self.initial_radius = eps, initial_radius
+    Direction 0 sets the start of the other pilot directions; once all pilot directions are done their
+    typical values start every later search - computed from the finished directions themselves, so a
+    resumed run (or any batch size, or any rank) starts exactly the same searches.
+    """
+
+    def __init__(self, eps: float, initial_radius: float, pilot: int, below: "_CutoffTrack | None"):
+        self.eps, self.initial_radius, self.pilot, self.below = eps, initial_radius, pilot, below
         self.start_radius, self.slope_hint, self.ratio = initial_radius, 2.0, math.nan
-        self.records: list[DirectionRecords] = []
-        self.previous_radii: list[torch.Tensor] = []  # the radii at the next larger cutoff, if any
+        self.parts: list[DirectionRecords] = []
+        self.radius: dict[int, float] = {}
+        self.slope: dict[int, float] = {}
+        self._stage = 0
 
-    def first_probes(self, n: int, previous: torch.Tensor | None) -> torch.Tensor:
-        """A direction's radius at the previous cutoff times the pilot's typical ratio, else the typical radius."""
-        if previous is None or math.isnan(self.ratio):
-            return torch.full((n,), math.nan if previous is not None else self.start_radius, dtype=torch.float64)
+    def done(self) -> "DirectionRecords":
+        return DirectionRecords.concat(self.parts)
+
+    def first_probes(self, indices: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """A direction's radius at the cutoff below times the pilot's typical ratio, else the typical radius."""
+        n = indices.numel()
+        if previous is None:
+            return torch.full((n,), self.start_radius, dtype=torch.float64)
+        if math.isnan(self.ratio):
+            return torch.full((n,), math.nan, dtype=torch.float64)  # step from the earlier probes
         return torch.where(torch.isfinite(previous), previous * self.ratio, torch.full_like(previous, math.nan))
 
-    def add(self, records: "DirectionRecords", end: int, n_samples: int) -> None:
-        self.records.append(records)
-        done = DirectionRecords.concat(self.records)
-        if end == 1:  # the rest of the pilot starts from direction 0's radius
-            self.start_radius = typical_radius(done.radii, self.start_radius)
-        if end == min(PILOT_DIRECTIONS, n_samples):
+    def add(self, records: "DirectionRecords") -> None:
+        self.parts.append(records)
+        for i, r, s in zip(records.indices.tolist(), records.radii.tolist(), records.slopes.tolist()):
+            self.radius[i], self.slope[i] = r, s
+        if self._stage == 0 and 0 in self.radius:
+            self.start_radius = typical_radius(torch.tensor([self.radius[0]]), self.initial_radius)
+            self._stage = 1
+        if self._stage == 1 and all(i in self.radius for i in range(self.pilot)):
             # Radii concentrate in high dimension, and so do the slope of log C at the cutoff and the ratio
-            # of radii at two cutoffs: the pilot's typical values start every later search (for any batch size).
-            self.start_radius = typical_radius(done.radii, self.initial_radius)
-            self.slope_hint = typical_slope(done.slopes, self.slope_hint)
-            if self.previous_radii:
-                ratios = done.radii / torch.cat(self.previous_radii)
-                self.ratio = typical_radius(ratios, math.nan)
+            # of radii at two cutoffs: the pilot's typical values start every later search.
+            radii = torch.tensor([self.radius[i] for i in range(self.pilot)], dtype=torch.float64)
+            self.start_radius = typical_radius(radii, self.initial_radius)
+            self.slope_hint = typical_slope(torch.tensor([self.slope[i] for i in range(self.pilot)]), 2.0)
+            if self.below is not None:
+                below = torch.tensor([self.below.radius[i] for i in range(self.pilot)], dtype=torch.float64)
+                self.ratio = typical_radius(radii / below, math.nan)
+            self._stage = 2
+
+
+_RECORD_DTYPES = {
+    "indices": torch.int64, "radii": torch.float64, "deltas": torch.float64, "n_evals": torch.int64,
+    "nonmonotone": torch.bool, "slopes": torch.float64, "stats": torch.float64,
+}
 
 
 @dataclass
 class DirectionRecords:
-    """Finished directions (each field (n,)): what a run keeps of each, in the order they finished."""
+    """Finished directions (each field n rows): what a run keeps of each, in the order they finished.
+
+    ``stats`` (n, 5) are the directions' ``DirectionStats``; the estimates are computed from them and
+    the radii only when a result is assembled, over all directions at once, so that they never depend
+    on how the directions were batched, sharded over processes or resumed.
+    """
 
     indices: torch.Tensor
-    estimates: torch.Tensor
     radii: torch.Tensor
     deltas: torch.Tensor
-    props: torch.Tensor
     n_evals: torch.Tensor
     nonmonotone: torch.Tensor
     slopes: torch.Tensor
+    stats: torch.Tensor
     status: list[str]
 
     @classmethod
-    def of_search(cls, indices, stats: DirectionStats, outcome, measure_obj, log_det_p: float) -> "DirectionRecords":
-        """Estimates of searched directions: log ray measure - D log|P u| + log det P."""
+    def of_search(cls, indices, stats: DirectionStats, outcome, measure_obj) -> "DirectionRecords":
         unbounded = torch.tensor([s == UNBOUNDED for s in outcome.status], dtype=torch.bool)
         radii, status = outcome.radii, list(outcome.status)
         if measure_obj.is_box:  # the ray ends at the box: the radius is its exit point
             status = [CLIPPED if s == UNBOUNDED else s for s in status]
         else:
             radii = torch.where(unbounded, torch.full_like(radii, math.inf), radii)
-        props = stats.props
-        estimates = measure_obj.log_ray_measures(radii, stats) - measure_obj.dim * torch.log(props) + log_det_p
-        return cls(
-            indices, estimates, radii, outcome.deltas, props, outcome.n_evals, outcome.nonmonotone, outcome.slopes, status
-        )
+        columns = torch.stack([getattr(stats, f) for f in DirectionStats.__dataclass_fields__], dim=1)
+        return cls(indices, radii, outcome.deltas, outcome.n_evals, outcome.nonmonotone, outcome.slopes, columns, status)
+
+    def estimates(self, measure_obj, log_det_p: float) -> torch.Tensor:
+        """Per direction: log ray measure - D log|P u| + log det P (nats)."""
+        stats = DirectionStats.from_tensor(self.stats)
+        return measure_obj.log_ray_measures(self.radii, stats) - measure_obj.dim * torch.log(stats.props) + log_det_p
 
     @classmethod
     def concat(cls, parts: list["DirectionRecords"]) -> "DirectionRecords":
+        if not parts:
+            empty = {f: torch.empty(0, dtype=d) for f, d in _RECORD_DTYPES.items()}
+            empty["stats"] = torch.empty(0, 5, dtype=torch.float64)
+            return cls(**empty, status=[])
         tensors = {f: torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__ if f != "status"}
         return cls(**tensors, status=[s for p in parts for s in p.status])
 
+    def by_index(self) -> "DirectionRecords":
+        """The records sorted by direction index, each index once (pilot directions may come twice)."""
+        order, seen = [], set()
+        for k in sorted(range(self.indices.numel()), key=lambda k: int(self.indices[k])):
+            if int(self.indices[k]) not in seen:
+                seen.add(int(self.indices[k]))
+                order.append(k)
+        pick = torch.tensor(order, dtype=torch.int64)
+        fields = {f: getattr(self, f)[pick] for f in self.__dataclass_fields__ if f != "status"}
+        return DirectionRecords(**fields, status=[self.status[k] for k in order])
 
-def _assemble(records: DirectionRecords, measure_obj, dim: int, eps: float, seconds: float) -> VolumeResult:
+
+def _assemble(records: DirectionRecords, measure_obj, eps: float, log_det_p: float, seconds: float) -> VolumeResult:
     notes = [measure_obj.outside_reason] if getattr(measure_obj, "outside_reason", None) else []
     result = VolumeResult(
-        estimates=records.estimates,
+        estimates=records.estimates(measure_obj, log_det_p),
         radii=records.radii,
         deltas=records.deltas,
-        props=records.props,
+        props=DirectionStats.from_tensor(records.stats).props,
         status=records.status,
         n_evals=records.n_evals,
         indices=records.indices,
         nonmonotone=records.nonmonotone,
-        dim=dim,
+        dim=measure_obj.dim,
         cutoff=eps,
         measure=measure_obj.describe(),
         info={"seconds": seconds, "notes": notes},

@@ -1,25 +1,370 @@
 // CPU kernels of the ops built on the random stream: philox_bits, gaussian, direction_stats, perturb_.
-// Work is split into (direction, run of Philox blocks) tasks with at::parallel_for; each Philox block
-// yields four consecutive elements, of which those inside [start, start + n) are used.
+// Work is split into (direction, run of Philox blocks) tasks with at::parallel_for. Each task walks its
+// run in chunks of up to kChunkBlocks blocks: the chunk's Philox words, then its Gaussians, are computed
+// into a small per-thread buffer by loops the compiler vectorizes (see "The stream, a chunk at a time"),
+// and the op consumes the chunk's elements inside [start, start + n).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "../op_checks.h"
 #include "../philox.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LOCALVOL_X86_DISPATCH 1
+#include <immintrin.h>
+#else
+#define LOCALVOL_X86_DISPATCH 0
+#endif
+
+#if defined(__GNUC__)
+#define LOCALVOL_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LOCALVOL_ALWAYS_INLINE inline
+#endif
+
+// No floating-point contraction in the ISA-specific functions: with it, GCC fuses a * b + c into an FMA
+// wherever the target has one (target("avx512f") implies FMA), and the float64 sums of direction_stats
+// would then depend on the machine. Without it, every path does the same IEEE operations.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#define LOCALVOL_NO_CONTRACT
+#elif defined(__GNUC__)
+#define LOCALVOL_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define LOCALVOL_NO_CONTRACT
+#endif
+
 namespace localvol {
 namespace {
 
-// Philox blocks per parallel task: big enough to amortize scheduling, small enough to balance.
+// Philox blocks per parallel task: big enough to amortize scheduling, small enough to balance. Also
+// fixes direction_stats' summation order (one partial per task), whatever the thread count.
 constexpr int64_t kBlocksPerTask = 1 << 12;
+// Philox blocks per chunk of the per-thread buffer (20 KiB: stays in L1).
+constexpr int kChunkBlocks = 512;
+static_assert(kBlocksPerTask % kChunkBlocks == 0, "a task is whole chunks");
+
+// ------------------------------------------------------------------ the stream, a chunk at a time
+//
+// The words are those of philox.h, computed for kChunkBlocks blocks at once (AVX2/AVX-512 intrinsics,
+// else a loop GCC vectorizes with SSE2's pmuludq). The Gaussians follow philox.h's Box-Muller in
+// float32 step by step (uniforms, -2 log u, sqrt, phi = u * float32(2 pi), rho * cos, rho * sin) except
+// that log, sin and cos are evaluated in float64 by branch-free polynomials and rounded once to float32:
+// on every one of the 2^24 possible uniforms this gives the correctly rounded logf, sinf and cosf
+// (checked exhaustively against float(log(double)) etc.), where glibc and SLEEF are within 1 ulp. The
+// loops vectorize, and every ISA path gives bit-identical Gaussians.
+
+// One chunk's buffers. The words of block i of a chunk of `count` blocks: radius[i] = x0,
+// radius[count + i] = x2, angle[i] = x1, angle[count + i] = x3 (pair p = (radius[p], angle[p])).
+struct StreamChunk {
+  alignas(64) uint32_t radius[2 * kChunkBlocks];
+  alignas(64) uint32_t angle[2 * kChunkBlocks];
+  alignas(64) float rho[2 * kChunkBlocks];
+  alignas(64) float z[4 * kChunkBlocks];  // element order: z[4 i + lane]
+};
+
+// Counter word 1 of block first + i (i < 2^31): the high word, plus the carry out of the low word.
+LOCALVOL_ALWAYS_INLINE uint32_t block_hi(uint32_t first_lo, uint32_t first_hi, uint32_t lo) {
+  return first_hi + (lo < first_lo ? 1u : 0u);
+}
+
+LOCALVOL_ALWAYS_INLINE void philox_words_tail(uint64_t seed, uint64_t index, uint64_t first, int from, int count,
+                                              uint32_t* __restrict radius, uint32_t* __restrict angle) {
+  for (int i = from; i < count; ++i) {
+    const PhiloxWords w = philox_block(seed, index, first + static_cast<uint64_t>(i));
+    radius[i] = w.x[0];
+    angle[i] = w.x[1];
+    radius[count + i] = w.x[2];
+    angle[count + i] = w.x[3];
+  }
+}
+
+// Portable form (GCC vectorizes the 32 x 32 -> 64-bit products with pmuludq).
+LOCALVOL_ALWAYS_INLINE void philox_words_generic(uint64_t seed, uint64_t index, uint64_t first, int count,
+                                                 uint32_t* __restrict radius, uint32_t* __restrict angle) {
+  const uint32_t first_lo = static_cast<uint32_t>(first), first_hi = static_cast<uint32_t>(first >> 32);
+  const uint32_t index_lo = static_cast<uint32_t>(index), index_hi = static_cast<uint32_t>(index >> 32);
+  const uint32_t seed_lo = static_cast<uint32_t>(seed), seed_hi = static_cast<uint32_t>(seed >> 32);
+  for (int i = 0; i < count; ++i) {
+    uint32_t c0 = first_lo + static_cast<uint32_t>(i);
+    uint32_t c1 = block_hi(first_lo, first_hi, c0);
+    uint32_t c2 = index_lo, c3 = index_hi, k0 = seed_lo, k1 = seed_hi;
+#pragma GCC unroll 10
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+      c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(p1);
+      c3 = static_cast<uint32_t>(p0);
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    radius[i] = c0;
+    angle[i] = c1;
+    radius[count + i] = c2;
+    angle[count + i] = c3;
+  }
+}
+
+LOCALVOL_ALWAYS_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+LOCALVOL_ALWAYS_INLINE float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// log(u) for a float u in (0, 1], in float64 (the reduction and polynomial of musl's log: u = 2^e m,
+// m in [sqrt(1/2), sqrt(2)), f = m - 1, s = f / (2 + f); error far below a float32 ulp).
+LOCALVOL_ALWAYS_INLINE double log_unit(float u) {
+  const uint32_t shifted = float_bits(u) + (0x3f800000u - 0x3f3504f3u);
+  const int32_t e = static_cast<int32_t>(shifted >> 23) - 0x7f;
+  const float m = bits_float((shifted & 0x007fffffu) + 0x3f3504f3u);
+  const double f = static_cast<double>(m) - 1.0;
+  const double s = f / (2.0 + f);
+  const double z = s * s;
+  const double w = z * z;
+  const double t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01));
+  const double t2 = z * (6.666666666666735130e-01 +
+                         w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
+  const double hfsq = 0.5 * f * f;
+  const double k = static_cast<double>(e);
+  return s * (hfsq + (t2 + t1)) + k * 1.90821492927058770002e-10 - hfsq + f + k * 6.93147180369123816490e-01;
+}
+
+// sin(phi) and cos(phi) for a float phi in [0, 2 pi], in float64: phi = q pi/2 + r (q in 0..4, |r| <= pi/4,
+// pi/2 in two parts), then musl's sin and cos kernels on r and the quadrant's swap and signs.
+LOCALVOL_ALWAYS_INLINE void sincos_angle(float phi, double* sin_out, double* cos_out) {
+  const double d = static_cast<double>(phi);
+  const double q = (d * 6.36619772367581382433e-01 + 0x1.8p52) - 0x1.8p52;  // round to nearest, in float64
+  const int32_t quadrant = static_cast<int32_t>(q);
+  const double r = (d - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11;
+  const double z = r * r;
+  const double w = z * z;
+  const double sin_tail = 8.33333333332248946124e-03 + z * (-1.98412698298579493134e-04 + z * 2.75573137070700676789e-06) +
+                          z * w * (-2.50507602534068634195e-08 + z * 1.58969099521155010221e-10);
+  const double s = r + z * r * (-1.66666666666666324348e-01 + z * sin_tail);
+  const double cos_tail =
+      z * (4.16666666666666019037e-02 + z * (-1.38888888888741095749e-03 + z * 2.48015872894767294178e-05)) +
+      w * w * (-2.75573143513906633035e-07 + z * (2.08757232129817482790e-09 + z * -1.13596475577881948265e-11));
+  const double hz = 0.5 * z;
+  const double one_minus_hz = 1.0 - hz;
+  const double c = one_minus_hz + (((1.0 - one_minus_hz) - hz) + z * cos_tail);
+  const bool swap = quadrant & 1;
+  const double sin_r = swap ? c : s;
+  const double cos_r = swap ? s : c;
+  *sin_out = (quadrant & 2) ? -sin_r : sin_r;
+  *cos_out = ((quadrant + 1) & 2) ? -cos_r : cos_r;
+}
+
+// rho2[p] = -2 log(uniform(radius[p])) in float32, for the chunk's 2 count pairs.
+LOCALVOL_ALWAYS_INLINE void radius_squared(const uint32_t* __restrict radius, int pairs, float* __restrict rho2) {
+  for (int p = 0; p < pairs; ++p) rho2[p] = -2.0f * static_cast<float>(log_unit(uniform_from_bits(radius[p])));
+}
+
+// z of the chunk's `count` blocks in element order from rho and the angle words.
+LOCALVOL_ALWAYS_INLINE void rotate(const float* __restrict rho, const uint32_t* __restrict angle, int count,
+                                   float* __restrict z) {
+  for (int i = 0; i < count; ++i) {
+    double s01, c01, s23, c23;
+    sincos_angle(uniform_from_bits(angle[i]) * kTwoPiF32, &s01, &c01);
+    sincos_angle(uniform_from_bits(angle[count + i]) * kTwoPiF32, &s23, &c23);
+    z[4 * i] = rho[i] * static_cast<float>(c01);
+    z[4 * i + 1] = rho[i] * static_cast<float>(s01);
+    z[4 * i + 2] = rho[count + i] * static_cast<float>(c23);
+    z[4 * i + 3] = rho[count + i] * static_cast<float>(s23);
+  }
+}
+
+// The per-ISA entry points: the words of a chunk, and its Gaussians (into chunk.z).
+using WordsFn = void (*)(uint64_t seed, uint64_t index, uint64_t first, int count, StreamChunk& chunk);
+using GaussiansFn = void (*)(uint64_t seed, uint64_t index, uint64_t first, int count, StreamChunk& chunk);
+
+LOCALVOL_NO_CONTRACT void words_default(uint64_t seed, uint64_t index, uint64_t first, int count, StreamChunk& chunk) {
+  philox_words_generic(seed, index, first, count, chunk.radius, chunk.angle);
+}
+
+LOCALVOL_NO_CONTRACT void gaussians_default(uint64_t seed, uint64_t index, uint64_t first, int count,
+                                            StreamChunk& chunk) {
+  philox_words_generic(seed, index, first, count, chunk.radius, chunk.angle);
+  const int pairs = 2 * count;
+  radius_squared(chunk.radius, pairs, chunk.rho);
+  // sqrt in its own loop: with errno semantics (no -fno-math-errno) GCC does not vectorize sqrtf.
+  int p = 0;
+#if LOCALVOL_X86_DISPATCH
+  for (; p + 4 <= pairs; p += 4) _mm_store_ps(chunk.rho + p, _mm_sqrt_ps(_mm_load_ps(chunk.rho + p)));
+#endif
+  for (; p < pairs; ++p) chunk.rho[p] = std::sqrt(chunk.rho[p]);
+  rotate(chunk.rho, chunk.angle, count, chunk.z);
+}
+
+#if LOCALVOL_X86_DISPATCH
+// torch's AVX2 capability implies AVX2 + FMA, its AVX512 capability AVX512F/BW/DQ/VL + FMA.
+#define LOCALVOL_TARGET_AVX2 __attribute__((target("avx2,fma"))) LOCALVOL_NO_CONTRACT
+#define LOCALVOL_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl"))) LOCALVOL_NO_CONTRACT
+
+// The high and low words of the products of the eight (sixteen) uint32 lanes of c with m: _mul_epu32
+// multiplies the even lanes; the odd lanes are shifted down and multiplied separately.
+LOCALVOL_TARGET_AVX2 void words_avx2(uint64_t seed, uint64_t index, uint64_t first, int count, StreamChunk& chunk) {
+  uint32_t* __restrict radius = chunk.radius;
+  uint32_t* __restrict angle = chunk.angle;
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  __m256i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+    key0[round] = _mm256_set1_epi32(static_cast<int>(k0));
+    key1[round] = _mm256_set1_epi32(static_cast<int>(k1));
+  }
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i first_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
+  const __m256i first_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  const __m256i first_lo_signed = _mm256_xor_si256(first_lo, sign);
+  const __m256i index_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(index)));
+  const __m256i index_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(index >> 32)));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int i = 0;
+  for (; i + 8 <= count; i += 8) {
+    __m256i c0 = _mm256_add_epi32(first_lo, _mm256_add_epi32(lanes, _mm256_set1_epi32(i)));
+    // Carry where c0 < first_lo (unsigned compare via flipped sign bits): the mask is -1 there.
+    const __m256i carry = _mm256_cmpgt_epi32(first_lo_signed, _mm256_xor_si256(c0, sign));
+    __m256i c1 = _mm256_sub_epi32(first_hi, carry);
+    __m256i c2 = index_lo, c3 = index_hi;
+#pragma GCC unroll 10
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m256i p0_even = _mm256_mul_epu32(c0, m0);
+      const __m256i p0_odd = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+      const __m256i p1_even = _mm256_mul_epu32(c2, m1);
+      const __m256i p1_odd = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0_even, 32), p0_odd, 0xAA);
+      const __m256i lo0 = _mm256_blend_epi32(p0_even, _mm256_slli_epi64(p0_odd, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1_even, 32), p1_odd, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(p1_even, _mm256_slli_epi64(p1_odd, 32), 0xAA);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), key0[round]);
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), key1[round]);
+      c1 = lo1;
+      c3 = lo0;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(radius + i), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(angle + i), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(radius + count + i), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(angle + count + i), c3);
+  }
+  philox_words_tail(seed, index, first, i, count, radius, angle);
+}
+
+LOCALVOL_TARGET_AVX512 void words_avx512(uint64_t seed, uint64_t index, uint64_t first, int count,
+                                         StreamChunk& chunk) {
+  uint32_t* __restrict radius = chunk.radius;
+  uint32_t* __restrict angle = chunk.angle;
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  __m512i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+    key0[round] = _mm512_set1_epi32(static_cast<int>(k0));
+    key1[round] = _mm512_set1_epi32(static_cast<int>(k1));
+  }
+  const __m512i first_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
+  const __m512i first_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  const __m512i index_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(index)));
+  const __m512i index_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(index >> 32)));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __mmask16 odd = 0xAAAA;
+  int i = 0;
+  for (; i + 16 <= count; i += 16) {
+    __m512i c0 = _mm512_add_epi32(first_lo, _mm512_add_epi32(lanes, _mm512_set1_epi32(i)));
+    __m512i c1 = _mm512_mask_add_epi32(first_hi, _mm512_cmplt_epu32_mask(c0, first_lo), first_hi, one);
+    __m512i c2 = index_lo, c3 = index_hi;
+#pragma GCC unroll 10
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m512i p0_even = _mm512_mul_epu32(c0, m0);
+      const __m512i p0_odd = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+      const __m512i p1_even = _mm512_mul_epu32(c2, m1);
+      const __m512i p1_odd = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+      const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p0_even, 32), p0_odd);
+      const __m512i lo0 = _mm512_mask_blend_epi32(odd, p0_even, _mm512_slli_epi64(p0_odd, 32));
+      const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p1_even, 32), p1_odd);
+      const __m512i lo1 = _mm512_mask_blend_epi32(odd, p1_even, _mm512_slli_epi64(p1_odd, 32));
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, key0[round], 0x96);  // three-way xor
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, key1[round], 0x96);
+      c1 = lo1;
+      c3 = lo0;
+    }
+    _mm512_storeu_si512(radius + i, c0);
+    _mm512_storeu_si512(angle + i, c1);
+    _mm512_storeu_si512(radius + count + i, c2);
+    _mm512_storeu_si512(angle + count + i, c3);
+  }
+  philox_words_tail(seed, index, first, i, count, radius, angle);
+}
+
+LOCALVOL_TARGET_AVX2 void gaussians_avx2(uint64_t seed, uint64_t index, uint64_t first, int count,
+                                         StreamChunk& chunk) {
+  words_avx2(seed, index, first, count, chunk);
+  const int pairs = 2 * count;
+  radius_squared(chunk.radius, pairs, chunk.rho);
+  int p = 0;
+  for (; p + 8 <= pairs; p += 8) _mm256_store_ps(chunk.rho + p, _mm256_sqrt_ps(_mm256_load_ps(chunk.rho + p)));
+  for (; p < pairs; ++p) chunk.rho[p] = std::sqrt(chunk.rho[p]);
+  rotate(chunk.rho, chunk.angle, count, chunk.z);
+}
+
+LOCALVOL_TARGET_AVX512 void gaussians_avx512(uint64_t seed, uint64_t index, uint64_t first, int count,
+                                             StreamChunk& chunk) {
+  words_avx512(seed, index, first, count, chunk);
+  const int pairs = 2 * count;
+  radius_squared(chunk.radius, pairs, chunk.rho);
+  int p = 0;
+  for (; p + 16 <= pairs; p += 16) _mm512_store_ps(chunk.rho + p, _mm512_sqrt_ps(_mm512_load_ps(chunk.rho + p)));
+  for (; p < pairs; ++p) chunk.rho[p] = std::sqrt(chunk.rho[p]);
+  rotate(chunk.rho, chunk.angle, count, chunk.z);
+}
+#endif  // LOCALVOL_X86_DISPATCH
+
+struct StreamKernels {
+  WordsFn words;
+  GaussiansFn gaussians;
+};
+
+// The widest path torch's own CPU kernels use (ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it, as
+// for torch), checked once more against the CPU. All paths give the same words and Gaussians.
+const StreamKernels& stream_kernels() {
+  static const StreamKernels kernels = [] {
+#if LOCALVOL_X86_DISPATCH
+    const std::string capability = at::get_cpu_capability();
+    __builtin_cpu_init();
+    const bool fma = __builtin_cpu_supports("fma");
+    if (capability == "AVX512" && fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+      return StreamKernels{&words_avx512, &gaussians_avx512};
+    }
+    if ((capability == "AVX512" || capability == "AVX2") && fma && __builtin_cpu_supports("avx2")) {
+      return StreamKernels{&words_avx2, &gaussians_avx2};
+    }
+#endif
+    return StreamKernels{&words_default, &gaussians_default};
+  }();
+  return kernels;
+}
+
+// ------------------------------------------------------------------ tasks
 
 at::Tensor checked_cpu_indices(const char* op, const at::Tensor& indices) {
   at::Tensor idx = checked_indices(op, indices);
@@ -31,34 +376,39 @@ at::Tensor checked_cpu_indices(const char* op, const at::Tensor& indices) {
   return idx;
 }
 
-// Calls visit(row, element offset in [0, length), value) for the stream's words or Gaussians of
-// elements [start, start + length) of every direction, in parallel over (row, block run) tasks.
-template <bool kGaussian, typename Visit>
-void for_each_element(uint64_t seed, const at::Tensor& idx, int64_t start, int64_t length, const Visit& visit) {
-  const int64_t rows = idx.numel();
+// Runs task(task_id, row, first_block, last_block, chunk) over the (row, run of kBlocksPerTask blocks)
+// tasks covering elements [start, start + length) of every row, in parallel, with a per-worker chunk buffer.
+// Returns the number of runs per row (at least 1; tasks are numbered row * runs + run).
+template <typename Task>
+int64_t parallel_tasks(int64_t rows, int64_t start, int64_t length, const Task& task) {
   const BlockRange blocks = block_range(start, length);
-  if (rows == 0 || blocks.count == 0) return;
-  const int64_t runs_per_row = (blocks.count + kBlocksPerTask - 1) / kBlocksPerTask;
-  const int64_t* index = idx.const_data_ptr<int64_t>();
+  const int64_t runs_per_row = std::max<int64_t>(1, (blocks.count + kBlocksPerTask - 1) / kBlocksPerTask);
+  if (rows == 0 || blocks.count == 0) return runs_per_row;
   at::parallel_for(0, rows * runs_per_row, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / runs_per_row;
-      const int64_t first = blocks.first + (task % runs_per_row) * kBlocksPerTask;
+    std::unique_ptr<StreamChunk> chunk(new StreamChunk);
+    for (int64_t id = begin; id < end; ++id) {
+      const int64_t row = id / runs_per_row;
+      const int64_t first = blocks.first + (id % runs_per_row) * kBlocksPerTask;
       const int64_t last = std::min(first + kBlocksPerTask, blocks.first + blocks.count);
-      for (int64_t block = first; block < last; ++block) {
-        const PhiloxWords words = philox_block(seed, static_cast<uint64_t>(index[row]), static_cast<uint64_t>(block));
-        const int64_t offset = 4 * block - start;  // element offset of lane 0
-        const int lane_lo = offset < 0 ? static_cast<int>(-offset) : 0;
-        const int lane_hi = static_cast<int>(std::min<int64_t>(4, length - offset));
-        if (kGaussian) {
-          const GaussianBlock z = box_muller(words);
-          for (int lane = lane_lo; lane < lane_hi; ++lane) visit(row, offset + lane, z.z[lane]);
-        } else {
-          for (int lane = lane_lo; lane < lane_hi; ++lane) visit(row, offset + lane, words.x[lane]);
-        }
-      }
+      task(id, row, first, last, *chunk);
     }
   });
+  return runs_per_row;
+}
+
+// Walks blocks [first, last) of direction `index` chunk by chunk: fill(chunk's first block, block count)
+// computes the chunk, then consume(j, k0, m) gets its elements j .. j + m - 1 of [0, length), which are
+// entries k0 .. k0 + m - 1 of the chunk (element 4 i + lane is entry 4 i + lane, i counted from the chunk).
+template <typename Fill, typename Consume>
+void walk_chunks(int64_t first, int64_t last, int64_t start, int64_t length, const Fill& fill, const Consume& consume) {
+  for (int64_t block = first; block < last; block += kChunkBlocks) {
+    const int count = static_cast<int>(std::min<int64_t>(kChunkBlocks, last - block));
+    fill(static_cast<uint64_t>(block), count);
+    const int64_t offset = 4 * block - start;  // element offset of the chunk's entry 0
+    const int64_t lo = std::max<int64_t>(0, -offset);
+    const int64_t hi = std::min<int64_t>(4 * count, length - offset);
+    if (hi > lo) consume(offset + lo, lo, hi - lo);
+  }
 }
 
 at::Tensor philox_bits_cpu(int64_t seed, const at::Tensor& indices, int64_t start, int64_t length) {
@@ -66,8 +416,27 @@ at::Tensor philox_bits_cpu(int64_t seed, const at::Tensor& indices, int64_t star
   const at::Tensor idx = checked_cpu_indices("philox_bits", indices);
   at::Tensor out = at::empty({idx.numel(), length}, idx.options().dtype(at::kLong));
   int64_t* o = out.mutable_data_ptr<int64_t>();
-  for_each_element<false>(seed_bits(seed), idx, start, length,
-                          [&](int64_t row, int64_t j, uint32_t word) { o[row * length + j] = word; });
+  const int64_t* index = idx.const_data_ptr<int64_t>();
+  const uint64_t s = seed_bits(seed);
+  const StreamKernels& kernels = stream_kernels();
+  parallel_tasks(idx.numel(), start, length, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
+    int count = 0;
+    walk_chunks(
+        first, last, start, length,
+        [&](uint64_t block, int n) {
+          count = n;
+          kernels.words(s, static_cast<uint64_t>(index[row]), block, n, chunk);
+        },
+        [&](int64_t j, int64_t k0, int64_t m) {
+          int64_t* dst = o + row * length + j;
+          for (int64_t k = k0; k < k0 + m; ++k) {
+            const int64_t i = k >> 2;
+            const int lane = static_cast<int>(k & 3);
+            const uint32_t* words = (lane & 1) ? chunk.angle : chunk.radius;
+            *dst++ = words[(lane & 2 ? count : 0) + i];
+          }
+        });
+  });
   return out;
 }
 
@@ -76,10 +445,19 @@ at::Tensor gaussian_cpu(int64_t seed, const at::Tensor& indices, int64_t start, 
   const at::Tensor idx = checked_cpu_indices("gaussian", indices);
   at::Tensor out = at::empty({idx.numel(), length}, idx.options().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
-  for_each_element<true>(seed_bits(seed), idx, start, length,
-                         [&](int64_t row, int64_t j, float z) { o[row * length + j] = z; });
+  const int64_t* index = idx.const_data_ptr<int64_t>();
+  const uint64_t s = seed_bits(seed);
+  const StreamKernels& kernels = stream_kernels();
+  parallel_tasks(idx.numel(), start, length, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
+    walk_chunks(
+        first, last, start, length,
+        [&](uint64_t block, int n) { kernels.gaussians(s, static_cast<uint64_t>(index[row]), block, n, chunk); },
+        [&](int64_t j, int64_t k0, int64_t m) { std::memcpy(o + row * length + j, chunk.z + k0, m * sizeof(float)); });
+  });
   return out;
 }
+
+// ------------------------------------------------------------------ direction_stats
 
 // The five per-direction statistics of SPEC.md, accumulated in float64. `min` propagates NaN like amin.
 struct Stats {
@@ -98,48 +476,101 @@ struct Stats {
   }
 };
 
-template <typename param_t>
-void direction_stats_kernel(uint64_t seed, const at::Tensor& idx, const at::Tensor& anchor, const at::Tensor& precond,
-                            const at::Tensor& weights, const at::Tensor& bounds, int64_t start, at::Tensor& out) {
-  const int64_t rows = idx.numel(), n = anchor.numel();
-  const param_t* x = anchor.const_data_ptr<param_t>();
-  const param_t* p = static_cast<const param_t*>(data_or_null(precond));
-  const param_t* w = static_cast<const param_t*>(data_or_null(weights));
-  const param_t* bound = static_cast<const param_t*>(data_or_null(bounds));
+// A task's statistics in kLanes interleaved partial sums (element number e of the task, counted from its
+// first element inside the range, goes to lane e % kLanes), so that the loop vectorizes without
+// reassociating anything: the order of every sum is fixed by the task alone.
+constexpr int kLanes = 8;
+
+template <typename param_t, bool kPrecond, bool kWeights, bool kBounds>
+struct LaneStats {
+  double g2[kLanes], pg2[kLanes], pgxw[kLanes], pg2w[kLanes], exit[kLanes];
+  int next = 0;  // lane of the next element
+
+  LaneStats() {
+    for (int l = 0; l < kLanes; ++l) {
+      g2[l] = pg2[l] = pgxw[l] = pg2w[l] = 0;
+      exit[l] = std::numeric_limits<double>::infinity();
+    }
+  }
+
+  static LOCALVOL_ALWAYS_INLINE void add(double* acc_g2, double* acc_pg2, double* acc_pgxw, double* acc_pg2w,
+                                         double* acc_exit, int l, float zk, const param_t* x, const param_t* p,
+                                         const param_t* w, const param_t* b, int64_t j) {
+    const double g = zk;
+    const double pg = kPrecond ? g * static_cast<double>(p[j]) : g;
+    const double xj = x[j];
+    const double wj = kWeights ? static_cast<double>(w[j]) : 1.0;
+    acc_g2[l] += g * g;
+    acc_pg2[l] += pg * pg;
+    acc_pgxw[l] += pg * xj * wj;
+    acc_pg2w[l] += pg * pg * wj;
+    if (kBounds) {
+      const double sign = static_cast<double>((pg > 0) - (pg < 0));
+      const double v = (static_cast<double>(b[j]) - sign * xj) / std::fabs(pg);
+      const double cur = acc_exit[l];
+      acc_exit[l] = (cur == cur && (v != v || v < cur)) ? v : cur;  // Stats::min_with
+    }
+  }
+
+  // Elements j .. j + m - 1 with Gaussians z[0 .. m).
+  void add_run(const float* __restrict z, const param_t* __restrict x, const param_t* __restrict p,
+               const param_t* __restrict w, const param_t* __restrict b, int64_t j, int64_t m) {
+    double a_g2[kLanes], a_pg2[kLanes], a_pgxw[kLanes], a_pg2w[kLanes], a_exit[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      a_g2[l] = g2[l], a_pg2[l] = pg2[l], a_pgxw[l] = pgxw[l], a_pg2w[l] = pg2w[l], a_exit[l] = exit[l];
+    }
+    int64_t k = 0;
+    for (; k < m && next != 0; ++k, next = (next + 1) % kLanes) {
+      add(a_g2, a_pg2, a_pgxw, a_pg2w, a_exit, next, z[k], x, p, w, b, j + k);
+    }
+    for (; k + kLanes <= m; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) add(a_g2, a_pg2, a_pgxw, a_pg2w, a_exit, l, z[k + l], x, p, w, b, j + k + l);
+    }
+    for (; k < m; ++k, next = (next + 1) % kLanes) {
+      add(a_g2, a_pg2, a_pgxw, a_pg2w, a_exit, next, z[k], x, p, w, b, j + k);
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      g2[l] = a_g2[l], pg2[l] = a_pg2[l], pgxw[l] = a_pgxw[l], pg2w[l] = a_pg2w[l], exit[l] = a_exit[l];
+    }
+  }
+
+  // The lanes summed pairwise in a fixed tree.
+  Stats total() const {
+    Stats s;
+    auto tree = [](const double* v) {
+      double t[kLanes];
+      for (int l = 0; l < kLanes; ++l) t[l] = v[l];
+      for (int width = kLanes / 2; width >= 1; width /= 2) {
+        for (int l = 0; l < width; ++l) t[l] += t[l + width];
+      }
+      return t[0];
+    };
+    s.sum_g2 = tree(g2);
+    s.sum_pg2 = tree(pg2);
+    s.sum_pgxw = tree(pgxw);
+    s.sum_pg2w = tree(pg2w);
+    for (int l = 0; l < kLanes; ++l) s.min_with(exit[l]);
+    return s;
+  }
+};
+
+template <typename param_t, bool kPrecond, bool kWeights, bool kBounds>
+void direction_stats_kernel(uint64_t seed, const at::Tensor& idx, const param_t* x, const param_t* p,
+                            const param_t* w, const param_t* bound, int64_t start, int64_t n, at::Tensor& out) {
+  const int64_t rows = idx.numel();
+  const int64_t* index = idx.const_data_ptr<int64_t>();
+  const StreamKernels& kernels = stream_kernels();
   const BlockRange blocks = block_range(start, n);
   const int64_t runs_per_row = std::max<int64_t>(1, (blocks.count + kBlocksPerTask - 1) / kBlocksPerTask);
   // Partial sums per fixed run of blocks, merged in order: the result does not depend on the thread count.
   std::vector<Stats> partial(rows * runs_per_row);
-  const int64_t* index = idx.const_data_ptr<int64_t>();
-  at::parallel_for(0, rows * runs_per_row, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / runs_per_row;
-      const int64_t first = blocks.first + (task % runs_per_row) * kBlocksPerTask;
-      const int64_t last = std::min(first + kBlocksPerTask, blocks.first + blocks.count);
-      Stats s;
-      for (int64_t block = first; block < last; ++block) {
-        const GaussianBlock z = gaussian_block(seed, static_cast<uint64_t>(index[row]), static_cast<uint64_t>(block));
-        const int64_t offset = 4 * block - start;
-        const int lane_lo = offset < 0 ? static_cast<int>(-offset) : 0;
-        const int lane_hi = static_cast<int>(std::min<int64_t>(4, n - offset));
-        for (int lane = lane_lo; lane < lane_hi; ++lane) {
-          const int64_t j = offset + lane;
-          const double g = z.z[lane];
-          const double pg = p ? g * static_cast<double>(p[j]) : g;
-          const double xj = x[j];
-          const double wj = w ? static_cast<double>(w[j]) : 1.0;
-          s.sum_g2 += g * g;
-          s.sum_pg2 += pg * pg;
-          s.sum_pgxw += pg * xj * wj;
-          s.sum_pg2w += pg * pg * wj;
-          if (bound) {
-            const double sign = static_cast<double>((pg > 0) - (pg < 0));
-            s.min_with((static_cast<double>(bound[j]) - sign * xj) / std::fabs(pg));
-          }
-        }
-      }
-      partial[task] = s;
-    }
+  parallel_tasks(rows, start, n, [&](int64_t id, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
+    LaneStats<param_t, kPrecond, kWeights, kBounds> lanes;
+    walk_chunks(
+        first, last, start, n,
+        [&](uint64_t block, int count) { kernels.gaussians(seed, static_cast<uint64_t>(index[row]), block, count, chunk); },
+        [&](int64_t j, int64_t k0, int64_t m) { lanes.add_run(chunk.z + k0, x, p, w, bound, j, m); });
+    partial[id] = lanes.total();
   });
   double* o = out.mutable_data_ptr<double>();
   for (int64_t row = 0; row < rows; ++row) {
@@ -151,6 +582,31 @@ void direction_stats_kernel(uint64_t seed, const at::Tensor& idx, const at::Tens
     dst[2] = s.sum_pgxw;
     dst[3] = s.sum_pg2w;
     dst[4] = s.exit_factor;
+  }
+}
+
+template <typename param_t>
+void direction_stats_dispatch(uint64_t seed, const at::Tensor& idx, const at::Tensor& anchor, const at::Tensor& precond,
+                              const at::Tensor& weights, const at::Tensor& bounds, int64_t start, at::Tensor& out) {
+  const param_t* x = anchor.const_data_ptr<param_t>();
+  const param_t* p = static_cast<const param_t*>(data_or_null(precond));
+  const param_t* w = static_cast<const param_t*>(data_or_null(weights));
+  const param_t* b = static_cast<const param_t*>(data_or_null(bounds));
+  const int64_t n = anchor.numel();
+  const int which = (p ? 4 : 0) | (w ? 2 : 0) | (b ? 1 : 0);
+  switch (which) {
+#define LOCALVOL_STATS_CASE(k, P, W, B) \
+  case k:                               \
+    return direction_stats_kernel<param_t, P, W, B>(seed, idx, x, p, w, b, start, n, out);
+    LOCALVOL_STATS_CASE(0, false, false, false)
+    LOCALVOL_STATS_CASE(1, false, false, true)
+    LOCALVOL_STATS_CASE(2, false, true, false)
+    LOCALVOL_STATS_CASE(3, false, true, true)
+    LOCALVOL_STATS_CASE(4, true, false, false)
+    LOCALVOL_STATS_CASE(5, true, false, true)
+    LOCALVOL_STATS_CASE(6, true, true, false)
+    LOCALVOL_STATS_CASE(7, true, true, true)
+#undef LOCALVOL_STATS_CASE
   }
 }
 
@@ -170,24 +626,44 @@ at::Tensor direction_stats_cpu(int64_t seed, const at::Tensor& indices, const at
   const at::Tensor b = checked_vector(op, "bounds", bounds, n, dtype, anchor);
   at::Tensor out = at::empty({idx.numel(), 5}, idx.options().dtype(at::kDouble));
   if (dtype == at::kDouble) {
-    direction_stats_kernel<double>(seed_bits(seed), idx, x, p, w, b, start, out);
+    direction_stats_dispatch<double>(seed_bits(seed), idx, x, p, w, b, start, out);
   } else {
-    direction_stats_kernel<float>(seed_bits(seed), idx, x, p, w, b, start, out);
+    direction_stats_dispatch<float>(seed_bits(seed), idx, x, p, w, b, start, out);
   }
   return out;
 }
 
-template <typename out_t, typename param_t>
+// ------------------------------------------------------------------ perturb_
+
+template <typename out_t, typename param_t, bool kPrecond>
 void perturb_kernel(at::Tensor& out, RowLayout layout, const at::Tensor& anchor, const at::Tensor& precond,
                     uint64_t seed, const at::Tensor& idx, const at::Tensor& scales, int64_t start) {
   out_t* o = out.mutable_data_ptr<out_t>();
-  const param_t* x = anchor.const_data_ptr<param_t>();
-  const param_t* p = static_cast<const param_t*>(data_or_null(precond));
+  const param_t* __restrict x = anchor.const_data_ptr<param_t>();
+  const param_t* __restrict p = static_cast<const param_t*>(data_or_null(precond));
   const double* scale = scales.const_data_ptr<double>();
-  // Computed in float64 like the reference, rounded once to out's dtype.
-  for_each_element<true>(seed, idx, start, anchor.numel(), [&](int64_t row, int64_t j, float z) {
-    const double pg = p ? static_cast<double>(z) * static_cast<double>(p[j]) : static_cast<double>(z);
-    o[row * layout.row_stride + j * layout.col_stride] = static_cast<out_t>(static_cast<double>(x[j]) + scale[row] * pg);
+  const int64_t* index = idx.const_data_ptr<int64_t>();
+  const int64_t n = anchor.numel();
+  const StreamKernels& kernels = stream_kernels();
+  parallel_tasks(idx.numel(), start, n, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
+    const double s = scale[row];
+    walk_chunks(
+        first, last, start, n,
+        [&](uint64_t block, int count) { kernels.gaussians(seed, static_cast<uint64_t>(index[row]), block, count, chunk); },
+        [&](int64_t j, int64_t k0, int64_t m) {
+          // Computed in float64 like the reference, rounded once to out's dtype.
+          const float* __restrict z = chunk.z + k0;
+          auto value = [&](int64_t k) {
+            const double pg = kPrecond ? static_cast<double>(z[k]) * static_cast<double>(p[j + k]) : static_cast<double>(z[k]);
+            return static_cast<out_t>(static_cast<double>(x[j + k]) + s * pg);
+          };
+          out_t* dst = o + row * layout.row_stride + j * layout.col_stride;
+          if (layout.col_stride == 1) {
+            for (int64_t k = 0; k < m; ++k) dst[k] = value(k);
+          } else {
+            for (int64_t k = 0; k < m; ++k) dst[k * layout.col_stride] = value(k);
+          }
+        });
   });
 }
 
@@ -210,9 +686,17 @@ at::Tensor& perturb_cpu(at::Tensor& out, const at::Tensor& anchor, const std::op
   const at::Tensor s = scales.reshape({-1}).to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "perturb_", [&] {
     if (dtype == at::kDouble) {
-      perturb_kernel<scalar_t, double>(out, layout, x, p, seed_bits(seed), idx, s, start);
+      if (p.defined()) {
+        perturb_kernel<scalar_t, double, true>(out, layout, x, p, seed_bits(seed), idx, s, start);
+      } else {
+        perturb_kernel<scalar_t, double, false>(out, layout, x, p, seed_bits(seed), idx, s, start);
+      }
     } else {
-      perturb_kernel<scalar_t, float>(out, layout, x, p, seed_bits(seed), idx, s, start);
+      if (p.defined()) {
+        perturb_kernel<scalar_t, float, true>(out, layout, x, p, seed_bits(seed), idx, s, start);
+      } else {
+        perturb_kernel<scalar_t, float, false>(out, layout, x, p, seed_bits(seed), idx, s, start);
+      }
     }
   });
   return out;
