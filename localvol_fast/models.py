@@ -269,6 +269,21 @@ def selected_optimizer_state(optimizer, model, named_params):
 EVALUATION_MODES = ("auto", "vmap", "sequential", "inplace")
 
 
+def _default_evaluation(model, named, dim: int, device, use_vmap: bool) -> str:
+    """vmap batches probes, which pays on a GPU and for plain MLPs (their factored path); on a CPU a
+    generic model runs fastest one probe at a time written in place, as do large models anywhere."""
+    if not use_vmap:
+        return "sequential"
+    if dim >= INPLACE_MIN_PARAMETERS:
+        return "inplace"
+    from .fast_mlp import _plain_mlp_layers
+
+    run_device = torch.device(device) if device is not None else named[0][1].device
+    if run_device.type == "cpu" and _plain_mlp_layers(model, named) is None:
+        return "inplace"
+    return "vmap"
+
+
 def _cache_budget(memory_budget, device) -> float:
     """Bytes the anchor's outputs may take on the device: a quarter of free GPU memory by default."""
     if memory_budget is not None:
@@ -383,8 +398,9 @@ def estimate(
     cutoff: eps, or a list of cutoffs searched together (a list of results comes back, one per cutoff).
     evaluation: how probes run: "vmap" (several per forward pass; a plain MLP gets its factored fast path),
         "sequential" (one at a time, functionally), "inplace" (written into the model's own weights from
-        one anchor copy: for large models, memory independent of n_samples), or "auto" (in place from
-        16.8 M perturbed parameters, else vmap; use_vmap=False means sequential).
+        one anchor copy: for large models, memory independent of n_samples), or "auto": in place from
+        16.8 M perturbed parameters and for models other than plain MLPs on a CPU, else vmap
+        (use_vmap=False means sequential).
     anchor_cache: where the anchor's outputs are kept: "device", "cpu", "recompute" (an extra forward
         per evaluation), or "auto" (the device when they fit in the memory budget, else the CPU).
     memory_budget: bytes the anchor cache may take on the device (default: a quarter of the free GPU
@@ -406,7 +422,7 @@ def estimate(
     named = select_parameters(model, params)
     dim = sum(p.numel() for _, p in named)
     if evaluation == "auto":
-        evaluation = "inplace" if dim >= INPLACE_MIN_PARAMETERS else ("vmap" if use_vmap else "sequential")
+        evaluation = _default_evaluation(model, named, dim, device, use_vmap)
     in_place = evaluation == "inplace"
     cost = None
     name_of = {id(p): n for n, p in model.named_parameters()}

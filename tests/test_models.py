@@ -60,10 +60,12 @@ def test_mlp_vmap_and_sequential_paths_agree(digits_clean):
     run = digits_clean
     kw = dict(cutoff=1e-2, n_samples=6, sigma=PRIOR_SIGMA, **QUIET)
     fast = estimate(run.model, run.x_test, **kw)
-    generic = estimate(_Wrapped(run.model), run.x_test, **kw)
+    generic = estimate(_Wrapped(run.model), run.x_test, evaluation="vmap", **kw)
     slow = estimate(run.model, run.x_test, use_vmap=False, **kw)
-    assert (fast.info["evaluation"], generic.info["evaluation"], slow.info["evaluation"]) == ("mlp", "vmap", "sequential")
-    for other in (generic, slow):
+    in_place = estimate(_Wrapped(run.model), run.x_test, **kw)  # the CPU default for a generic model
+    modes = [r.info["evaluation"] for r in (fast, generic, slow, in_place)]
+    assert modes == ["mlp", "vmap", "sequential", "inplace"]
+    for other in (generic, slow, in_place):
         torch.testing.assert_close(fast.radii, other.radii, rtol=1e-4, atol=0)
         torch.testing.assert_close(fast.estimates, other.estimates, rtol=0, atol=4810 * 1e-4)
 
@@ -73,11 +75,13 @@ def test_mlp_path_handles_losses_subsets_and_l2(digits_clean):
     ce = torch.nn.functional.cross_entropy
     kw = dict(cutoff=1e-2, n_samples=4, sigma=PRIOR_SIGMA, neighborhood="loss", loss_fn=ce, l2_reg=1e-3, **QUIET)
     fast = estimate(run.model, (run.x_test, run.y_test), **kw)
-    generic = estimate(_Wrapped(run.model), (run.x_test, run.y_test), **kw)
-    assert fast.info["evaluation"] == "mlp" and generic.info["evaluation"] == "vmap"
+    generic = estimate(_Wrapped(run.model), (run.x_test, run.y_test), evaluation="vmap", **kw)
+    in_place = estimate(_Wrapped(run.model), (run.x_test, run.y_test), evaluation="inplace", **kw)
+    assert [r.info["evaluation"] for r in (fast, generic, in_place)] == ["mlp", "vmap", "inplace"]
     torch.testing.assert_close(fast.radii, generic.radii, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fast.radii, in_place.radii, rtol=1e-4, atol=0)
     subset = estimate(run.model, run.x_test, params=["0.weight"], n_samples=2, sigma=PRIOR_SIGMA, **QUIET)
-    assert subset.info["evaluation"] == "vmap"  # only whole-MLP perturbations take the factored path
+    assert subset.info["evaluation"] == "inplace"  # only whole-MLP perturbations take the factored path
 
 
 def test_vmap_failure_falls_back_to_sequential():
@@ -92,7 +96,7 @@ def test_vmap_failure_falls_back_to_sequential():
             return self.linear(x)
 
     model = NeedsPlainTensors()
-    r = estimate(model, torch.randn(8, 4), n_samples=3, sigma=0.5, **QUIET)
+    r = estimate(model, torch.randn(8, 4), n_samples=3, sigma=0.5, evaluation="vmap", **QUIET)
     assert r.info["evaluation"] == "sequential"
     assert any("vmap was not usable" in n for n in r.info["notes"])
 
@@ -249,3 +253,24 @@ def test_data_on_another_device_is_moved_with_a_note(digits_clean):
     with pytest.warns(UserWarning, match="moved"):
         r = estimate(run.model, run.x_test.cuda(), n_samples=2, sigma=1.0, **QUIET)
     assert any("moved" in n for n in r.info["notes"])
+
+
+@pytest.mark.parametrize("evaluation", ["inplace", "vmap", "sequential"])
+def test_weights_restored_when_a_run_in_place_fails_midway(digits_clean, evaluation):
+    model = _Wrapped(digits_clean.model)
+    snap = _snapshot(model)
+    calls = {"n": 0}
+
+    def explode(module, args, output):
+        calls["n"] += 1
+        if calls["n"] > 6:  # after a few probes have been written into the weights
+            raise KeyboardInterrupt
+
+    handle = model.inner[2].register_forward_hook(explode)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            estimate(model, digits_clean.x_test[:40], n_samples=5, sigma=1.0, evaluation=evaluation, **QUIET)
+    finally:
+        handle.remove()
+    assert calls["n"] > 6
+    _assert_restored(model, snap)

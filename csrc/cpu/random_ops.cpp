@@ -97,7 +97,8 @@ LOCALVOL_ALWAYS_INLINE void philox_words_generic(uint64_t seed, uint64_t index, 
   const uint32_t first_lo = static_cast<uint32_t>(first), first_hi = static_cast<uint32_t>(first >> 32);
   const uint32_t index_lo = static_cast<uint32_t>(index), index_hi = static_cast<uint32_t>(index >> 32);
   const uint32_t seed_lo = static_cast<uint32_t>(seed), seed_hi = static_cast<uint32_t>(seed >> 32);
-  for (int i = 0; i < count; ++i) {
+  const size_t n = static_cast<size_t>(count);
+  for (size_t i = 0; i < n; ++i) {
     uint32_t c0 = first_lo + static_cast<uint32_t>(i);
     uint32_t c1 = block_hi(first_lo, first_hi, c0);
     uint32_t c2 = index_lo, c3 = index_hi, k0 = seed_lo, k1 = seed_hi;
@@ -114,8 +115,8 @@ LOCALVOL_ALWAYS_INLINE void philox_words_generic(uint64_t seed, uint64_t index, 
     }
     radius[i] = c0;
     angle[i] = c1;
-    radius[count + i] = c2;
-    angle[count + i] = c3;
+    radius[n + i] = c2;
+    angle[n + i] = c3;
   }
 }
 
@@ -176,20 +177,23 @@ LOCALVOL_ALWAYS_INLINE void sincos_angle(float phi, double* sin_out, double* cos
 
 // rho2[p] = -2 log(uniform(radius[p])) in float32, for the chunk's 2 count pairs.
 LOCALVOL_ALWAYS_INLINE void radius_squared(const uint32_t* __restrict radius, int pairs, float* __restrict rho2) {
-  for (int p = 0; p < pairs; ++p) rho2[p] = -2.0f * static_cast<float>(log_unit(uniform_from_bits(radius[p])));
+  for (size_t p = 0; p < static_cast<size_t>(pairs); ++p) {
+    rho2[p] = -2.0f * static_cast<float>(log_unit(uniform_from_bits(radius[p])));
+  }
 }
 
 // z of the chunk's `count` blocks in element order from rho and the angle words.
 LOCALVOL_ALWAYS_INLINE void rotate(const float* __restrict rho, const uint32_t* __restrict angle, int count,
                                    float* __restrict z) {
-  for (int i = 0; i < count; ++i) {
+  const size_t n = static_cast<size_t>(count);
+  for (size_t i = 0; i < n; ++i) {
     double s01, c01, s23, c23;
     sincos_angle(uniform_from_bits(angle[i]) * kTwoPiF32, &s01, &c01);
-    sincos_angle(uniform_from_bits(angle[count + i]) * kTwoPiF32, &s23, &c23);
+    sincos_angle(uniform_from_bits(angle[n + i]) * kTwoPiF32, &s23, &c23);
     z[4 * i] = rho[i] * static_cast<float>(c01);
     z[4 * i + 1] = rho[i] * static_cast<float>(s01);
-    z[4 * i + 2] = rho[count + i] * static_cast<float>(c23);
-    z[4 * i + 3] = rho[count + i] * static_cast<float>(s23);
+    z[4 * i + 2] = rho[n + i] * static_cast<float>(c23);
+    z[4 * i + 3] = rho[n + i] * static_cast<float>(s23);
   }
 }
 
