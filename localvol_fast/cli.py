@@ -186,6 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     est.add_argument("--params", nargs="+", metavar="NAME", help="perturb only these named parameters")
     est.add_argument("--no-vmap", action="store_true", help="evaluate probes one at a time")
+    est.add_argument(
+        "--evaluation", choices=["auto", "vmap", "sequential", "inplace"], default="auto",
+        help="how probes run (default auto: in place for large models and on CPUs, vmap otherwise)",
+    )
+    est.add_argument(
+        "--anchor-cache", choices=["auto", "device", "cpu", "recompute"], default="auto",
+        help="where the anchor's outputs are kept (default auto: the device while they fit the budget)",
+    )
+    est.add_argument("--memory-budget-gib", type=_positive_float, default=None, help="device memory for the anchor cache")
+    est.add_argument("--data-batch-size", type=_positive_int, default=None, help="examples per forward pass")
+    est.add_argument("--journal", metavar="FILE", default=None, help="append finished directions to FILE (JSON lines)")
+    est.add_argument("--resume", action="store_true", help="continue the run in --journal, skipping finished directions")
+    est.add_argument(
+        "--distributed", action="store_true",
+        help="shard directions over the processes of torchrun (each rank loads the model; rank 0 writes --out)",
+    )
     est.set_defaults(handler=command_estimate, default_threads=None)
     return parser
 
@@ -560,6 +576,8 @@ def command_estimate(args) -> int:
 
     out = _output_file(args.out)
     device = _check_device(args.device)
+    if args.distributed and device is not None and str(device) == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # one GPU per torchrun process
     if args.model is not None:
         if args.data is None:
             raise UsageError("--model needs --data (a text file or a .pt tensor of token ids)")
@@ -612,19 +630,36 @@ def command_estimate(args) -> int:
         "preconditioner_eps": args.preconditioner_eps,
         "fisher_passes": args.fisher_passes,
         "use_vmap": not args.no_vmap,
+        "evaluation": args.evaluation,
+        "anchor_cache": args.anchor_cache,
+        "memory_budget": None if args.memory_budget_gib is None else args.memory_budget_gib * 2**30,
+        "data_batch_size": args.data_batch_size,
+        "output": args.journal,
+        "resume": args.resume,
+        "distributed": args.distributed,
     }
+    if args.resume and args.journal is None:
+        raise UsageError("--resume needs --journal FILE (the journal of the run to continue)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the summary lists direction statuses and notes
         try:
             result = estimate(model, data, **options)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, FileExistsError) as error:
             raise UsageError(f"invalid input: {error}") from None
     source = args.model if args.model is not None else args.factory
     result.config["source"] = source
+    if args.distributed and _rank() != 0:
+        return EXIT_OK  # every rank holds the whole result; rank 0 reports and writes it
     print(result.summary())
     result.save(out)
     print(f"wrote {out}")
     return EXIT_OK
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # ----- entry point ------------------------------------------------------------------------------

@@ -18,6 +18,14 @@ from localvol_fast import cli
 from localvol_fast.result import VolumeResult
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 PROGRESS = "directions ["  # what the core's progress bar prints
 
 
@@ -351,3 +359,28 @@ def test_subprocess_estimate_and_bad_usage(tmp_path):
     )
     assert bad.returncode == 2
     assert "--cutoff" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_estimate_journal_and_resume(tmp_path, in_repo):
+    journal, first, second = tmp_path / "run.jsonl", tmp_path / "first.json", tmp_path / "second.json"
+    common = ["estimate", "--factory", "tests.cli_factory:build", "--quiet", "--journal", str(journal)]
+    assert cli.main([*common, "--n-samples", "5", "--out", str(first)]) == 0
+    assert cli.main([*common, "--n-samples", "5", "--out", str(first)]) == 2  # exists: needs --resume
+    assert cli.main([*common, "--n-samples", "9", "--resume", "--out", str(second)]) == 0
+    head, extended = VolumeResult.load(first), VolumeResult.load(second)
+    assert extended.n_samples == 9 and torch.equal(extended.estimates[:5], head.estimates)
+    assert cli.main(["estimate", "--factory", "tests.cli_factory:build", "--resume", "--out", str(second)]) == 2
+
+
+def test_estimate_under_torchrun_gloo(tmp_path):
+    """The README's torchrun command, on two CPU processes: rank 0 writes the single-process result."""
+    single, shared = tmp_path / "single.json", tmp_path / "two.json"
+    base = [sys.executable, "-m", "localvol_fast", "estimate", "--factory", "tests.cli_factory:build", "--quiet",
+            "--n-samples", "11", "--evaluation", "sequential"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([*base, "--out", str(single)], check=True, cwd=REPO, env=env, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    subprocess.run([*torchrun, "-m", "localvol_fast", *base[3:], "--distributed", "--out", str(shared)],
+                   check=True, cwd=REPO, env=env, timeout=300)
+    a, b = VolumeResult.load(single), VolumeResult.load(shared)
+    assert torch.equal(a.estimates, b.estimates) and b.info["processes"] == 2
