@@ -144,7 +144,68 @@ def pythia_figures(device, quick: bool) -> dict:
     }
 
 
-SECTIONS = {"kernels": kernel_figures, "digits": digits_figures, "pythia31m_shape": pythia_figures}
+def billion_figures(device, quick: bool) -> dict:
+    """A ~1 B-parameter GPT-NeoX in bf16 (random weights), evaluated in place: peak GPU memory against
+    2.2 x its weights plus the activations of a plain forward pass (the large-models goal)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    if quick:
+        config = GPTNeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=256, max_position_embeddings=64)
+        rows, length, n = 2, 16, 2
+    else:
+        config = GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                               intermediate_size=8192, max_position_embeddings=2048, rotary_pct=0.25)
+        rows, length, n = 4, 512, 4
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPTNeoXForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (rows, length), device=device)
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            model(**data)
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = lv.estimate(model, data, n_samples=n, sigma=0.02, cutoff=1e-2, progress=False, evaluation="inplace")
+    seconds = time.perf_counter() - start
+    figures = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "bfloat16",
+        "tokens": rows * length,
+        "seconds_per_direction": seconds / n,
+        "evals_per_direction": r.evals_per_direction,
+        "status": r.status_counts(),
+        "anchor_cache": r.info.get("anchor_cache"),
+        "weights_GiB": weights / 2**30,
+    }
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated()  # everything allocated, the weights included
+        figures.update(
+            activations_GiB=activations / 2**30,
+            peak_GiB=peak / 2**30,
+            peak_over_weights_plus_activations=peak / (weights + activations),
+            goal="peak <= 2.2 x weights + activations",
+            goal_met=peak <= 2.2 * weights + activations,
+        )
+    return figures
+
+
+SECTIONS = {
+    "kernels": kernel_figures,
+    "digits": digits_figures,
+    "pythia31m_shape": pythia_figures,
+    "billion_bf16": billion_figures,
+}
 
 
 def main(argv=None) -> int:

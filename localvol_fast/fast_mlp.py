@@ -37,6 +37,8 @@ def _plain_mlp_layers(model, named_params):
     Linear weight and bias is perturbed, else None (subsets of parameters take the generic path)."""
     if type(model) is not torch.nn.Sequential or not len(model) or not isinstance(model[0], torch.nn.Linear):
         return None
+    if _has_hooks(model):  # the factored path never calls the modules, so their hooks would be skipped
+        return None
     offsets, offset = {}, 0
     for name, p in named_params:
         offsets[id(p)] = offset
@@ -57,6 +59,13 @@ def _plain_mlp_layers(model, named_params):
     return layers if covered == len(named_params) else None
 
 
+def _has_hooks(model) -> bool:
+    from torch.nn.modules import module as module_globals
+
+    global_hooks = [getattr(module_globals, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    return any(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _plain_batches(batches) -> bool:
     return all(len(b.args) == 1 and not b.kwargs and b.args[0].dim() == 2 for b in batches)
 
@@ -72,9 +81,11 @@ class SequentialMLPCost(ModelCost):
         super().__init__(model, batches, neighborhood, named_params, backend, **options)
         self.layers = _plain_mlp_layers(model, named_params)
         self.mode = "fused-triton" if backend.name == "triton" else "mlp"
-        first, _, _ = self.layers[0]
+        # The anchor's weights come from the anchor copy, not the modules (a model may have changed them).
+        self.weights = [self._anchor_slices(layer) for layer in self.layers if isinstance(layer, tuple)]
+        w1, b1 = self.weights[0]
         with torch.no_grad():
-            self.first_outputs = [torch.nn.functional.linear(b.args[0], first.weight, first.bias) for b in batches]
+            self.first_outputs = [torch.nn.functional.linear(b.args[0], w1, b1) for b in batches]
         widest = max(m.out_features for m, *_ in (x for x in self.layers if isinstance(x, tuple)))
         rows = max(b.args[0].shape[0] for b in batches)
         self.probe_chunk = max(1, PROBE_CHUNK_ELEMENTS // (rows * widest))
@@ -90,6 +101,12 @@ class SequentialMLPCost(ModelCost):
         for b in self.batches:
             u = torch.einsum("ni,boi->bno", b.args[0], first_v)
             self.first_direction_outputs.append(u if first_vb is None else u + first_vb[:, None, :])
+
+    def _anchor_slices(self, layer):
+        module, w_off, b_off = layer
+        w = self.anchor[w_off : w_off + module.weight.numel()].view_as(module.weight)
+        b = None if b_off is None else self.anchor[b_off : b_off + module.out_features]
+        return w, b
 
     @staticmethod
     def _split(directions, layer):
@@ -128,12 +145,12 @@ class SequentialMLPCost(ModelCost):
             if not isinstance(layer, tuple):
                 h = layer(h)
                 continue
-            module, _, _ = layer
             v, vb = self.factors[linear_number]
+            weight, bias = self.weights[linear_number]
             linear_number += 1
-            h = torch.matmul(h, torch.addcmul(module.weight, t[:, None, None], v[rows]).transpose(-1, -2))
+            h = torch.matmul(h, torch.addcmul(weight, t[:, None, None], v[rows]).transpose(-1, -2))
             if vb is not None:
-                h = h + torch.addcmul(module.bias, t[:, None], vb[rows])[:, None, :]
+                h = h + torch.addcmul(bias, t[:, None], vb[rows])[:, None, :]
         return h
 
     def _forward_fused(self, x: torch.Tensor, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
@@ -147,10 +164,10 @@ class SequentialMLPCost(ModelCost):
                 h = layer(h)
                 continue
             module, w_off, b_off = layer
-            n_w = module.weight.numel()
-            p_w = None if precond is None else precond[w_off : w_off + n_w].reshape(module.weight.shape)
+            weight, bias = self._anchor_slices(layer)
+            p_w = None if precond is None else precond[w_off : w_off + weight.numel()].reshape(weight.shape)
             p_b = None if precond is None or b_off is None else precond[b_off : b_off + module.out_features]
             h = self.backend.perturbed_linear(
-                h, module.weight, module.bias, p_w, p_b, batch.seed, indices, scales, w_off, 0 if b_off is None else b_off
+                h, weight, bias, p_w, p_b, batch.seed, indices, scales, w_off, 0 if b_off is None else b_off
             )
         return h

@@ -56,6 +56,7 @@ class InPlaceModelCost(ModelCost):
             values = self.neighborhood.per_probe(self.forward_plain(data_batch), data_batch).unsqueeze(0)
             total += float(self.neighborhood.combine(values, cache, self.backend)[0])
             self.n_forward += 1
+            self._written = None  # a model may write into its own weights: rewrite before the next batch
         return total / self.total_weight
 
     def anchor_cost(self, anchor: torch.Tensor) -> float:

@@ -46,6 +46,11 @@ class DirectionStats:
 
 def _positive_vector(value, dim: int, name: str) -> tuple[float | None, torch.Tensor | None]:
     """Validate a positive scalar or (D,) tensor; returns (scalar, None) or (None, vector)."""
+    if not isinstance(value, (torch.Tensor, int, float)):
+        try:  # lists and numpy arrays
+            value = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a positive number or a tensor of them, got {type(value).__name__}") from None
     if isinstance(value, torch.Tensor) and value.numel() != 1:
         vector = value.detach().reshape(-1).double()
         if vector.numel() != dim:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,11 +25,12 @@ from .neighborhoods import make_neighborhood
 from .ops import get_backend
 from .preconditioners import adam_preconditioner, normalize_preconditioner
 from .result import VolumeResult
-from .volume import PointCost, check_cutoffs, estimate_volume
+from .volume import PointCost, check_anchor, check_cutoffs, estimate_volume
 
 _PROBE_ELEMENTS = 1 << 25  # bound on probes x output elements in one vmapped forward
 ANCHOR_CACHE_MODES = ("auto", "device", "cpu", "recompute")
 INPLACE_MIN_PARAMETERS = 1 << 24  # from this many perturbed parameters "auto" evaluates in place
+RESOLUTION_FACTOR = 1.0  # a cutoff must exceed the bound on the cost's rounding noise
 
 
 def select_parameters(model: torch.nn.Module, params=None) -> list[tuple[str, torch.nn.Parameter]]:
@@ -59,31 +61,75 @@ def select_parameters(model: torch.nn.Module, params=None) -> list[tuple[str, to
     return named
 
 
+def skipped_parameter_note(model: torch.nn.Module) -> str | None:
+    """A note naming the trainable parameters that are not floating point (never perturbed), if any."""
+    skipped = [f"{n} ({p.dtype})" for n, p in model.named_parameters() if not p.is_floating_point()]
+    if not skipped:
+        return None
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return f"parameters that are not floating point are not perturbed: {', '.join(skipped[:5])}{more}"
+
+
+def check_one_device(named) -> None:
+    """The perturbed parameters must share one device (move the model with ``device=``)."""
+    devices = {}
+    for name, p in named:
+        devices.setdefault(str(p.device), name)
+    if len(devices) > 1:
+        listing = ", ".join(f"{n!r} on {d}" for d, n in devices.items())
+        raise ValueError(
+            f"the perturbed parameters are on several devices ({listing}); pass device= to run the whole model on "
+            "one device, or restrict params= to the parameters of one device"
+        )
+
+
 @contextlib.contextmanager
 def preserved_model(model: torch.nn.Module, device=None, restored_elsewhere=()):
-    """Run in eval mode (on ``device``), then restore weights, buffers, modes and device exactly.
+    """Run in eval mode (on ``device``), then restore weights, buffers, modes and devices exactly.
 
     ``restored_elsewhere``: names of parameters the caller restores itself (from its anchor copy), so
-    that no second full copy of a large model is kept here.
+    that no second full copy of a large model is kept here. Restoring never hides the exception that
+    ended the run.
     """
     modes = [(m, m.training) for m in model.modules()]
     skip = set(restored_elsewhere)
-    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
-    original_device = next(iter(model.parameters())).device
+    state = model.state_dict(keep_vars=True)
+    saved = {k: v.detach().clone() for k, v in state.items() if k not in skip and v.device.type != "meta"}
+    homes = {k: v.device for k, v in state.items()}
+    moved = device is not None and any(v.device != torch.device(device) for v in state.values())
     try:
-        if device is not None and torch.device(device) != original_device:
+        if moved:
             model.to(device)
         model.eval()
         yield model
     finally:
-        if device is not None and torch.device(device) != original_device:
-            model.to(original_device)
-        with torch.no_grad():
-            for name, value in model.state_dict(keep_vars=True).items():
-                if name in saved and not torch.equal(value.detach(), saved[name].to(value.device)):
-                    value.detach().copy_(saved[name])
-        for module, training in modes:
-            module.training = training
+        try:
+            with torch.no_grad():
+                for name, value in model.state_dict(keep_vars=True).items():
+                    if moved and value.device != homes[name]:  # each tensor back to its own device
+                        value.data = value.data.to(homes[name])
+                    if name in saved and not torch.equal(value.detach(), saved[name].to(value.device)):
+                        value.detach().copy_(saved[name].to(value.device))
+        finally:
+            for module, training in modes:
+                module.training = training
+
+
+def anchor_copy(named_params) -> torch.Tensor:
+    """The flat anchor theta0: one copy of the perturbed parameters, in their (promoted) dtype."""
+    dtype = named_params[0][1].dtype
+    for _, p in named_params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return torch.cat([p.detach().reshape(-1).to(dtype) for _, p in named_params])
+
+
+@torch.no_grad()
+def write_anchor(params, anchor: torch.Tensor) -> None:
+    """Write the anchor back into the perturbed parameters (exact: the anchor is a copy of them)."""
+    offset = 0
+    for p in params:
+        p.copy_(anchor[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 class ModelCost(PointCost):
@@ -103,6 +149,7 @@ class ModelCost(PointCost):
         l2_reg: float = 0.0,
         anchor_cache: str = "auto",
         memory_budget: float | None = None,
+        anchor: torch.Tensor | None = None,
     ):
         super().__init__(self._model_costs)
         self.model, self.batches, self.neighborhood, self.backend = model, batches, neighborhood, backend
@@ -112,10 +159,7 @@ class ModelCost(PointCost):
         self.shapes = [p.shape for _, p in named_params]
         self.dtypes = [p.dtype for _, p in named_params]
         self.numels = [p.numel() for _, p in named_params]
-        dtype = self.dtypes[0]
-        for d in self.dtypes[1:]:
-            dtype = torch.promote_types(dtype, d)
-        self.anchor = torch.cat([p.detach().reshape(-1).to(dtype) for _, p in named_params])
+        self.anchor = anchor_copy(named_params) if anchor is None else anchor
         self.dim = self.anchor.numel()
         accepts = inspect.signature(model.forward).parameters
         self._add_positions = "position_ids" in accepts
@@ -124,8 +168,9 @@ class ModelCost(PointCost):
         self.anchor_cache = anchor_cache
         self.memory_budget, self._cache_bytes = _cache_budget(memory_budget, self.anchor.device), 0
         with torch.no_grad():
-            self.caches = [self._stored(neighborhood.prepare(self.forward_plain(b), b)) for b in batches]
+            self.caches = [self._stored(neighborhood.prepare(self.anchor_forward(b), b)) for b in batches]
         self.total_weight = sum(c["weight"] for c in self.caches)
+        self.noise_floor = sum(c.get("noise", 0.0) for c in self.caches) / max(self.total_weight, 1.0)
         if not self.total_weight > 0:
             raise ValueError("the evaluation data has no unmasked position (every attention_mask entry is 0)")
         self.mode = "vmap" if use_vmap else "sequential"
@@ -157,8 +202,7 @@ class ModelCost(PointCost):
             if cache["log_probs"].device == self.anchor.device:
                 return cache
             return {**cache, "log_probs": cache["log_probs"].to(self.anchor.device, non_blocking=True)}
-        self.restore_weights()
-        fresh = self.neighborhood.prepare(self.forward_plain(self.batches[k]), self.batches[k])
+        fresh = self.neighborhood.prepare(self.anchor_forward(self.batches[k]), self.batches[k])
         self.n_forward += 1
         return {**cache, **fresh}
 
@@ -169,13 +213,8 @@ class ModelCost(PointCost):
         names = sorted({"device" if p == device else p for p in places})
         return "+".join(names) if names else "none"
 
-    @torch.no_grad()
     def restore_weights(self) -> None:
-        """Write the anchor back into the perturbed parameters (exact: the anchor is a copy of them)."""
-        offset = 0
-        for p in self.params:
-            p.copy_(self.anchor[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        write_anchor(self.params, self.anchor)
 
     def _kwargs(self, batch: Batch) -> dict:
         kwargs = dict(batch.kwargs)
@@ -187,6 +226,11 @@ class ModelCost(PointCost):
     def forward_plain(self, batch: Batch):
         return self.model(*batch.args, **self._kwargs(batch))
 
+    def anchor_forward(self, batch: Batch):
+        """The model's outputs at the anchor (its weights are written back first: a model may change them)."""
+        self.restore_weights()
+        return self.forward_plain(batch)
+
     def params_of(self, theta: torch.Tensor) -> dict:
         """Split (..., D) vectors into {name: (..., *shape)} views in each parameter's dtype."""
         lead = theta.shape[:-1]
@@ -195,6 +239,11 @@ class ModelCost(PointCost):
             out[name] = theta[..., offset : offset + n].reshape(*lead, *shape).to(dtype)
             offset += n
         return out
+
+    def _fresh(self, thetas: torch.Tensor) -> torch.Tensor:
+        """With several data batches each gets its own copy of the probes: a model that writes into its
+        weights during a forward pass must not change the probe the next batch sees."""
+        return thetas.clone() if len(self.batches) > 1 else thetas
 
     def _per_probe(self, params: dict, batch: Batch):
         outputs = functional_call(self.model, params, batch.args, self._kwargs(batch))
@@ -206,7 +255,7 @@ class ModelCost(PointCost):
             cache = self.cache_of(k)
             one = lambda params: self._per_probe(params, batch)  # noqa: E731
             for lo in range(0, thetas.shape[0], self.probe_chunk):
-                chunk = thetas[lo : lo + self.probe_chunk]
+                chunk = self._fresh(thetas[lo : lo + self.probe_chunk])
                 values = vmap(one, randomness="same")(self.params_of(chunk))
                 total[lo : lo + chunk.shape[0]] += self.neighborhood.combine(values, cache, self.backend)
                 self.n_forward += 1
@@ -215,9 +264,8 @@ class ModelCost(PointCost):
     def _costs_sequential(self, thetas: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
         for j in range(thetas.shape[0]):
-            params = self.params_of(thetas[j])
             for k, batch in enumerate(self.batches):
-                values = self._per_probe(params, batch).unsqueeze(0)
+                values = self._per_probe(self.params_of(self._fresh(thetas[j])), batch).unsqueeze(0)
                 total[j] += self.neighborhood.combine(values, self.cache_of(k), self.backend)[0]
                 self.n_forward += 1
         return total
@@ -256,7 +304,7 @@ def selected_optimizer_state(optimizer, model, named_params):
         entry = optimizer["state"].get(sid)
         if entry is None or "exp_avg_sq" not in entry:
             raise ValueError(f"the optimizer state has no moments for parameter {name!r}; take it after a step")
-        if entry["exp_avg_sq"].numel() != p.numel():
+        if tuple(entry["exp_avg_sq"].shape) != tuple(p.shape):
             raise ValueError(
                 f"the optimizer state for {name!r} has shape {tuple(entry['exp_avg_sq'].shape)} but the parameter "
                 f"has {tuple(p.shape)}: the optimizer belongs to other parameters"
@@ -267,6 +315,18 @@ def selected_optimizer_state(optimizer, model, named_params):
 
 
 EVALUATION_MODES = ("auto", "vmap", "sequential", "inplace")
+
+
+def check_resolution(cost, cutoff) -> None:
+    """Refuse cutoffs below what the cost can resolve: float32 rounding in the KL sum gives noise of
+    about 1e-7 times the anchor's mean entropy-like sum_v p |log p|, which a tiny cutoff drowns in."""
+    floor = getattr(cost, "noise_floor", 0.0)
+    smallest = min(check_cutoffs(cutoff))
+    if smallest < RESOLUTION_FACTOR * floor:
+        raise ValueError(
+            f"cutoff {smallest!r} is below what this cost resolves: its float32 rounding noise is about {floor:.2g} "
+            f"nats, so cutoffs under {RESOLUTION_FACTOR * floor:.2g} would measure noise; use a larger cutoff"
+        )
 
 
 def _default_evaluation(model, named, dim: int, device, use_vmap: bool) -> str:
@@ -424,24 +484,32 @@ def estimate(
     if evaluation == "auto":
         evaluation = _default_evaluation(model, named, dim, device, use_vmap)
     in_place = evaluation == "inplace"
-    cost = None
+    anchor = None
     name_of = {id(p): n for n, p in model.named_parameters()}
     with preserved_model(model, device, restored_elsewhere=[name_of[id(p)] for _, p in named] if in_place else ()):
         try:
-            run_device = next(iter(model.parameters())).device
             named = select_parameters(model, params)  # the same parameters, now on the run device
+            check_one_device(named)
+            anchor = anchor_copy(named)  # before anything runs the model, which may change its weights
+            run_device = named[0][1].device
             batches, notes = prepare_batches(data, run_device, data_batch_size)
+            skipped = skipped_parameter_note(model)
+            if skipped:
+                notes.append(skipped)
+                warnings.warn(skipped, stacklevel=3)
             ops = get_backend(backend, run_device)
             cost = _make_cost(
                 evaluation, model, batches, nb, named, ops,
-                l2_reg=l2_reg, anchor_cache=anchor_cache, memory_budget=memory_budget,
+                l2_reg=l2_reg, anchor_cache=anchor_cache, memory_budget=memory_budget, anchor=anchor,
             )
+            check_anchor(cost.anchor)  # before any preconditioner is computed from it
+            check_resolution(cost, cutoff)
             precond, precond_info = resolve_preconditioner(
                 preconditioner,
                 optimizer,
                 model,
                 named,
-                cost.forward_plain,
+                cost.anchor_forward,
                 batches,
                 exponent=preconditioner_exponent,
                 eps=preconditioner_eps,
@@ -476,8 +544,8 @@ def estimate(
                 },
             )
         finally:
-            if cost is not None:
-                cost.restore_weights()
+            if anchor is not None:
+                write_anchor([p for _, p in named], anchor)
     if cost.fallback_reason:
         notes.append(f"vmap was not usable for this model ({cost.fallback_reason}); probes ran one at a time")
     for r in result if isinstance(result, list) else [result]:

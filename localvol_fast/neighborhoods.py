@@ -51,7 +51,13 @@ class KLNeighborhood:
         mask = _position_mask(logits, batch.mask)
         n_positions = logits[..., 0].numel() if mask is None else int(mask.sum())
         vocab = logits.shape[-1]
+        # float32 rounding in sum_v p (a - l) is about eps32 * sum_v p |a| per position (summed here).
+        magnitude = (log_probs.exp() * log_probs.abs()).sum(-1)
+        if mask is not None:
+            magnitude = magnitude * mask
+        noise = float(magnitude.sum()) * torch.finfo(torch.float32).eps
         return {
+            "noise": noise,
             "log_probs": log_probs.reshape(1, -1, vocab),
             "mask": None if mask is None else mask.reshape(1, -1),
             "weight": float(n_positions),

@@ -66,7 +66,13 @@ def _adam_moments(source, params, key: str) -> torch.Tensor:
                     f"the optimizer has no state for parameter {k} (shape {tuple(p.shape)}): it does not "
                     "optimize these parameters or has not taken a step yet"
                 )
-            pieces.append(_moments_from_state(state, key, f"parameter {k}"))
+            moments = _moments_from_state(state, key, f"parameter {k}")
+            if state[key].shape != p.shape:
+                raise ValueError(
+                    f"the optimizer's {key} for parameter {k} has shape {tuple(state[key].shape)} but the parameter has "
+                    f"{tuple(p.shape)}: the optimizer belongs to other parameters"
+                )
+            pieces.append(moments)
         return torch.cat(pieces)
     if isinstance(source, Mapping) and "state" in source and "param_groups" in source:
         ids = [i for group in source["param_groups"] for i in group["params"]]
@@ -118,4 +124,5 @@ def adam_preconditioner(
     v = v.double().abs()
     if not bool(torch.isfinite(v).all()):
         raise ValueError("the optimizer moments contain NaN or inf; the optimizer state is corrupted")
-    return normalize_preconditioner((1.0 / (v.pow(exponent) + eps)).to(dtype), name="adam preconditioner")
+    # Normalized in float64 (raw values may not fit float32), then kept in the moments' precision.
+    return normalize_preconditioner(1.0 / (v.pow(exponent) + eps), name="adam preconditioner").to(dtype)

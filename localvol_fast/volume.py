@@ -34,7 +34,7 @@ _DEFAULT_BATCH_ELEMENTS = 1 << 24
 ANCHOR_COST_TOLERANCE = 0.05  # batch_size=None keeps B * D near this many parameters
 
 
-def _check_anchor(anchor) -> torch.Tensor:
+def check_anchor(anchor) -> torch.Tensor:
     if not isinstance(anchor, torch.Tensor) or not anchor.is_floating_point():
         raise TypeError(f"anchor must be a floating-point torch.Tensor, got {type(anchor).__name__}")
     flat = anchor.detach().reshape(-1)
@@ -152,7 +152,8 @@ class PointCost:
         self.batch = batch
 
     def anchor_cost(self, anchor: torch.Tensor) -> float:
-        return float(self.costs(anchor.reshape(1, -1))[0])
+        # A copy: the cost may hand the vector to a model that writes into its own weights.
+        return float(self.costs(anchor.reshape(1, -1).clone())[0])
 
     def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         return self.costs(self.batch.points(rows, radii))
@@ -211,7 +212,7 @@ def estimate_volume(
     Returns a ``VolumeResult`` (log volume in nats), or a list of them for a list of cutoffs.
     """
     evaluator = fn if hasattr(fn, "start_batch") else PointCost(fn)
-    flat = _check_anchor(anchor)
+    flat = check_anchor(anchor)
     multiple = isinstance(cutoff, (list, tuple)) or (isinstance(cutoff, torch.Tensor) and cutoff.dim() == 1)
     eps_list = check_cutoffs(cutoff)
     eps = min(eps_list)

@@ -1,21 +1,26 @@
 // CPU kernels of the ops built on the random stream: philox_bits, gaussian, direction_stats, perturb_.
-// Work is split into (direction, run of Philox blocks) tasks with at::parallel_for. Each task walks its
-// run in chunks of up to kChunkBlocks blocks: the chunk's Philox words, then its Gaussians, are computed
-// into a small per-thread buffer by loops the compiler vectorizes (see "The stream, a chunk at a time"),
-// and the op consumes the chunk's elements inside [start, start + n).
+// Work is split into (direction, run of Philox blocks) tasks, run by torch.get_num_threads() threads
+// (run_workers). Each task walks its run in chunks of up to kChunkBlocks blocks: the chunk's Philox words,
+// then its Gaussians, are computed into a small per-thread buffer by loops the compiler vectorizes (see
+// "The stream, a chunk at a time"), and the op consumes the chunk's elements inside [start, start + n).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/ParallelGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "../op_checks.h"
@@ -44,6 +49,13 @@
 #define LOCALVOL_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 #else
 #define LOCALVOL_NO_CONTRACT
+#endif
+
+#if LOCALVOL_X86_DISPATCH
+// torch's AVX2 capability implies AVX2 + FMA, its AVX512 capability AVX512F/BW/DQ/VL + FMA.
+#define LOCALVOL_TARGET_AVX2 __attribute__((target("avx2,fma"))) LOCALVOL_NO_CONTRACT
+#define LOCALVOL_TARGET_AVX512 \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl"))) LOCALVOL_NO_CONTRACT
 #endif
 
 namespace localvol {
@@ -143,8 +155,9 @@ LOCALVOL_ALWAYS_INLINE double log_unit(float u) {
   const double z = s * s;
   const double w = z * z;
   const double t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01));
-  const double t2 = z * (6.666666666666735130e-01 +
-                         w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
+  const double t2 =
+      z * (6.666666666666735130e-01 +
+           w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
   const double hfsq = 0.5 * f * f;
   const double k = static_cast<double>(e);
   return s * (hfsq + (t2 + t1)) + k * 1.90821492927058770002e-10 - hfsq + f + k * 6.93147180369123816490e-01;
@@ -159,7 +172,8 @@ LOCALVOL_ALWAYS_INLINE void sincos_angle(float phi, double* sin_out, double* cos
   const double r = (d - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11;
   const double z = r * r;
   const double w = z * z;
-  const double sin_tail = 8.33333333332248946124e-03 + z * (-1.98412698298579493134e-04 + z * 2.75573137070700676789e-06) +
+  const double sin_tail = 8.33333333332248946124e-03 +
+                          z * (-1.98412698298579493134e-04 + z * 2.75573137070700676789e-06) +
                           z * w * (-2.50507602534068634195e-08 + z * 1.58969099521155010221e-10);
   const double s = r + z * r * (-1.66666666666666324348e-01 + z * sin_tail);
   const double cos_tail =
@@ -220,9 +234,6 @@ LOCALVOL_NO_CONTRACT void gaussians_default(uint64_t seed, uint64_t index, uint6
 }
 
 #if LOCALVOL_X86_DISPATCH
-// torch's AVX2 capability implies AVX2 + FMA, its AVX512 capability AVX512F/BW/DQ/VL + FMA.
-#define LOCALVOL_TARGET_AVX2 __attribute__((target("avx2,fma"))) LOCALVOL_NO_CONTRACT
-#define LOCALVOL_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl"))) LOCALVOL_NO_CONTRACT
 
 // The high and low words of the products of the eight (sixteen) uint32 lanes of c with m: _mul_epu32
 // multiplies the even lanes; the odd lanes are shifted down and multiplied separately.
@@ -273,6 +284,10 @@ LOCALVOL_TARGET_AVX2 void words_avx2(uint64_t seed, uint64_t index, uint64_t fir
   philox_words_tail(seed, index, first, i, count, radius, angle);
 }
 
+// GCC 12 warns that the _mm512_undefined_*() inside _mm512_mul_epu32, _mm512_sqrt_ps etc. "may be used
+// uninitialized" (GCC bug 105593): silenced for the AVX-512 functions.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 LOCALVOL_TARGET_AVX512 void words_avx512(uint64_t seed, uint64_t index, uint64_t first, int count,
                                          StreamChunk& chunk) {
   uint32_t* __restrict radius = chunk.radius;
@@ -340,33 +355,50 @@ LOCALVOL_TARGET_AVX512 void gaussians_avx512(uint64_t seed, uint64_t index, uint
   for (; p < pairs; ++p) chunk.rho[p] = std::sqrt(chunk.rho[p]);
   rotate(chunk.rho, chunk.angle, count, chunk.z);
 }
+#pragma GCC diagnostic pop
 #endif  // LOCALVOL_X86_DISPATCH
 
-struct StreamKernels {
-  WordsFn words;
-  GaussiansFn gaussians;
-};
+// The ISA path: the widest that torch's own CPU kernels use (ATEN_CPU_CAPABILITY=default|avx2|avx512
+// overrides it, as for torch), checked once more against the CPU. All paths give the same results.
+enum class Isa { kDefault, kAvx2, kAvx512 };
 
-// The widest path torch's own CPU kernels use (ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it, as
-// for torch), checked once more against the CPU. All paths give the same words and Gaussians.
-const StreamKernels& stream_kernels() {
-  static const StreamKernels kernels = [] {
+Isa cpu_isa() {
+  static const Isa isa = [] {
 #if LOCALVOL_X86_DISPATCH
     const std::string capability = at::get_cpu_capability();
     __builtin_cpu_init();
     const bool fma = __builtin_cpu_supports("fma");
     if (capability == "AVX512" && fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-      return StreamKernels{&words_avx512, &gaussians_avx512};
+      return Isa::kAvx512;
     }
-    if ((capability == "AVX512" || capability == "AVX2") && fma && __builtin_cpu_supports("avx2")) {
-      return StreamKernels{&words_avx2, &gaussians_avx2};
-    }
+    if ((capability == "AVX512" || capability == "AVX2") && fma && __builtin_cpu_supports("avx2")) return Isa::kAvx2;
 #endif
-    return StreamKernels{&words_default, &gaussians_default};
+    return Isa::kDefault;
   }();
-  return kernels;
+  return isa;
 }
+
+template <typename Fn>
+Fn pick_isa(Fn on_default, Fn on_avx2, Fn on_avx512) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return on_avx512;
+    case Isa::kAvx2:
+      return on_avx2;
+    default:
+      return on_default;
+  }
+}
+
+#if LOCALVOL_X86_DISPATCH
+#define LOCALVOL_PICK(name) pick_isa(&name##_default, &name##_avx2, &name##_avx512)
+#else
+#define LOCALVOL_PICK(name) (&name##_default)
+#endif
+
+WordsFn stream_words() { return LOCALVOL_PICK(words); }
+GaussiansFn stream_gaussians() { return LOCALVOL_PICK(gaussians); }
 
 // ------------------------------------------------------------------ tasks
 
@@ -380,17 +412,74 @@ at::Tensor checked_cpu_indices(const char* op, const at::Tensor& indices) {
   return idx;
 }
 
+// Calls run(next) on `workers` threads (this one included), where next() hands out task ids 0, 1, ...
+// (then values >= tasks). The parallel path of this file: at::parallel_for is a header template that only
+// runs in parallel when the including file is compiled with OpenMP (-fopenmp), which torch's extension
+// build does not add, so without INTRA_OP_PARALLEL it would run everything on the calling thread. Tasks
+// are handed out dynamically, which also balances a machine shared with other processes.
+constexpr int64_t kMinTasksPerThread = 4;
+
+template <typename Run>
+void run_workers(int64_t tasks, const Run& run) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&counter] { return counter.fetch_add(1, std::memory_order_relaxed); };
+#if defined(INTRA_OP_PARALLEL)
+  // One task list; parallel_for's ranges each run a worker that draws from it.
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1,
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t worker = begin; worker < end; ++worker) run(next);
+                   });
+#else
+  at::internal::lazy_init_num_threads();
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks / kMinTasksPerThread);
+  if (workers <= 1 || at::in_parallel_region()) {
+    run(next);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(workers);
+  std::vector<std::thread> threads;
+  threads.reserve(workers - 1);
+  for (int64_t w = 1; w < workers; ++w) {
+    try {
+      threads.emplace_back([&, w] {
+        try {
+          c10::ParallelGuard guard(true);
+          run(next);
+        } catch (...) {
+          errors[w] = std::current_exception();
+          counter.store(tasks);  // the others stop at their next task
+        }
+      });
+    } catch (const std::system_error&) {
+      break;  // no more threads to be had: the ones running (and this one) do all the tasks
+    }
+  }
+  try {
+    c10::ParallelGuard guard(true);
+    run(next);
+  } catch (...) {
+    errors[0] = std::current_exception();
+    counter.store(tasks);
+  }
+  for (std::thread& t : threads) t.join();
+  for (const std::exception_ptr& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+#endif
+}
+
 // Runs task(task_id, row, first_block, last_block, chunk) over the (row, run of kBlocksPerTask blocks)
-// tasks covering elements [start, start + length) of every row, in parallel, with a per-worker chunk buffer.
-// Returns the number of runs per row (at least 1; tasks are numbered row * runs + run).
+// tasks covering elements [start, start + length) of every row, in parallel, with a chunk buffer per
+// worker. Returns the number of runs per row (at least 1; tasks are numbered row * runs + run).
 template <typename Task>
 int64_t parallel_tasks(int64_t rows, int64_t start, int64_t length, const Task& task) {
   const BlockRange blocks = block_range(start, length);
   const int64_t runs_per_row = std::max<int64_t>(1, (blocks.count + kBlocksPerTask - 1) / kBlocksPerTask);
   if (rows == 0 || blocks.count == 0) return runs_per_row;
-  at::parallel_for(0, rows * runs_per_row, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = rows * runs_per_row;
+  run_workers(tasks, [&](const auto& next) {
     std::unique_ptr<StreamChunk> chunk(new StreamChunk);
-    for (int64_t id = begin; id < end; ++id) {
+    for (int64_t id = next(); id < tasks; id = next()) {
       const int64_t row = id / runs_per_row;
       const int64_t first = blocks.first + (id % runs_per_row) * kBlocksPerTask;
       const int64_t last = std::min(first + kBlocksPerTask, blocks.first + blocks.count);
@@ -422,14 +511,15 @@ at::Tensor philox_bits_cpu(int64_t seed, const at::Tensor& indices, int64_t star
   int64_t* o = out.mutable_data_ptr<int64_t>();
   const int64_t* index = idx.const_data_ptr<int64_t>();
   const uint64_t s = seed_bits(seed);
-  const StreamKernels& kernels = stream_kernels();
-  parallel_tasks(idx.numel(), start, length, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
+  const WordsFn fill_words = stream_words();
+  const int64_t rows = idx.numel();
+  parallel_tasks(rows, start, length, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
     int count = 0;
     walk_chunks(
         first, last, start, length,
         [&](uint64_t block, int n) {
           count = n;
-          kernels.words(s, static_cast<uint64_t>(index[row]), block, n, chunk);
+          fill_words(s, static_cast<uint64_t>(index[row]), block, n, chunk);
         },
         [&](int64_t j, int64_t k0, int64_t m) {
           int64_t* dst = o + row * length + j;
@@ -451,11 +541,12 @@ at::Tensor gaussian_cpu(int64_t seed, const at::Tensor& indices, int64_t start, 
   float* o = out.mutable_data_ptr<float>();
   const int64_t* index = idx.const_data_ptr<int64_t>();
   const uint64_t s = seed_bits(seed);
-  const StreamKernels& kernels = stream_kernels();
-  parallel_tasks(idx.numel(), start, length, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
+  const GaussiansFn gaussians = stream_gaussians();
+  const int64_t rows = idx.numel();
+  parallel_tasks(rows, start, length, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
     walk_chunks(
         first, last, start, length,
-        [&](uint64_t block, int n) { kernels.gaussians(s, static_cast<uint64_t>(index[row]), block, n, chunk); },
+        [&](uint64_t block, int n) { gaussians(s, static_cast<uint64_t>(index[row]), block, n, chunk); },
         [&](int64_t j, int64_t k0, int64_t m) { std::memcpy(o + row * length + j, chunk.z + k0, m * sizeof(float)); });
   });
   return out;
@@ -480,67 +571,49 @@ struct Stats {
   }
 };
 
-// A task's statistics in kLanes interleaved partial sums (element number e of the task, counted from its
-// first element inside the range, goes to lane e % kLanes), so that the loop vectorizes without
-// reassociating anything: the order of every sum is fixed by the task alone.
+// A task's statistics in kLanes interleaved partial sums: element e of the task (counted from its first
+// element inside the range) goes to lane e % kLanes. The lanes are GCC vector-extension vectors, so the
+// loop runs in SIMD on any ISA without reassociating anything: the order of every sum is fixed by the
+// task alone, and the scalar head and tail do the same IEEE operations as the vector body.
 constexpr int kLanes = 8;
 
-template <typename param_t, bool kPrecond, bool kWeights, bool kBounds>
+// kLanes lanes as kLanes / W vectors of W lanes: W is the ISA's width (2 for SSE2, 4 for AVX2, 8 for
+// AVX-512), so that no vector is wider than the registers (GCC lowers the masks of wider ones poorly).
+template <int W>
+struct LaneTypes {
+  typedef double Vec __attribute__((vector_size(W * sizeof(double))));
+  typedef float VecF __attribute__((vector_size(W * sizeof(float))));
+  typedef int64_t Mask __attribute__((vector_size(W * sizeof(int64_t))));
+};
+
+template <typename Vec, typename VecF>
+LOCALVOL_ALWAYS_INLINE void load_lanes(const float* p, Vec& out) {
+  VecF f;
+  std::memcpy(&f, p, sizeof f);
+  out = __builtin_convertvector(f, Vec);
+}
+
+template <typename Vec, typename VecF>
+LOCALVOL_ALWAYS_INLINE void load_lanes(const double* p, Vec& out) {
+  std::memcpy(&out, p, sizeof out);
+}
+
 struct LaneStats {
-  double g2[kLanes], pg2[kLanes], pgxw[kLanes], pg2w[kLanes], exit[kLanes];
+  // exit: the lane's min of the finite-or-infinite values; nan: -1 where a NaN came (min_with's NaN).
+  alignas(64) double g2[kLanes], pg2[kLanes], pgxw[kLanes], pg2w[kLanes], exit[kLanes];
+  alignas(64) int64_t nan[kLanes];
   int next = 0;  // lane of the next element
 
   LaneStats() {
     for (int l = 0; l < kLanes; ++l) {
       g2[l] = pg2[l] = pgxw[l] = pg2w[l] = 0;
       exit[l] = std::numeric_limits<double>::infinity();
+      nan[l] = 0;
     }
   }
 
-  static LOCALVOL_ALWAYS_INLINE void add(double* acc_g2, double* acc_pg2, double* acc_pgxw, double* acc_pg2w,
-                                         double* acc_exit, int l, float zk, const param_t* x, const param_t* p,
-                                         const param_t* w, const param_t* b, int64_t j) {
-    const double g = zk;
-    const double pg = kPrecond ? g * static_cast<double>(p[j]) : g;
-    const double xj = x[j];
-    const double wj = kWeights ? static_cast<double>(w[j]) : 1.0;
-    acc_g2[l] += g * g;
-    acc_pg2[l] += pg * pg;
-    acc_pgxw[l] += pg * xj * wj;
-    acc_pg2w[l] += pg * pg * wj;
-    if (kBounds) {
-      const double sign = static_cast<double>((pg > 0) - (pg < 0));
-      const double v = (static_cast<double>(b[j]) - sign * xj) / std::fabs(pg);
-      const double cur = acc_exit[l];
-      acc_exit[l] = (cur == cur && (v != v || v < cur)) ? v : cur;  // Stats::min_with
-    }
-  }
-
-  // Elements j .. j + m - 1 with Gaussians z[0 .. m).
-  void add_run(const float* __restrict z, const param_t* __restrict x, const param_t* __restrict p,
-               const param_t* __restrict w, const param_t* __restrict b, int64_t j, int64_t m) {
-    double a_g2[kLanes], a_pg2[kLanes], a_pgxw[kLanes], a_pg2w[kLanes], a_exit[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      a_g2[l] = g2[l], a_pg2[l] = pg2[l], a_pgxw[l] = pgxw[l], a_pg2w[l] = pg2w[l], a_exit[l] = exit[l];
-    }
-    int64_t k = 0;
-    for (; k < m && next != 0; ++k, next = (next + 1) % kLanes) {
-      add(a_g2, a_pg2, a_pgxw, a_pg2w, a_exit, next, z[k], x, p, w, b, j + k);
-    }
-    for (; k + kLanes <= m; k += kLanes) {
-      for (int l = 0; l < kLanes; ++l) add(a_g2, a_pg2, a_pgxw, a_pg2w, a_exit, l, z[k + l], x, p, w, b, j + k + l);
-    }
-    for (; k < m; ++k, next = (next + 1) % kLanes) {
-      add(a_g2, a_pg2, a_pgxw, a_pg2w, a_exit, next, z[k], x, p, w, b, j + k);
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      g2[l] = a_g2[l], pg2[l] = a_pg2[l], pgxw[l] = a_pgxw[l], pg2w[l] = a_pg2w[l], exit[l] = a_exit[l];
-    }
-  }
-
-  // The lanes summed pairwise in a fixed tree.
+  // The lanes summed pairwise in a fixed tree; the exit factor's min over them.
   Stats total() const {
-    Stats s;
     auto tree = [](const double* v) {
       double t[kLanes];
       for (int l = 0; l < kLanes; ++l) t[l] = v[l];
@@ -549,13 +622,118 @@ struct LaneStats {
       }
       return t[0];
     };
+    Stats s;
     s.sum_g2 = tree(g2);
     s.sum_pg2 = tree(pg2);
     s.sum_pgxw = tree(pgxw);
     s.sum_pg2w = tree(pg2w);
-    for (int l = 0; l < kLanes; ++l) s.min_with(exit[l]);
+    for (int l = 0; l < kLanes; ++l) s.min_with(nan[l] ? std::numeric_limits<double>::quiet_NaN() : exit[l]);
     return s;
   }
+};
+
+// Adds elements 0 .. m - 1 (Gaussians z, anchor x, precond p, weights w, bounds b; p, w, b may be unused).
+// Without weights wj = 1 and the products by it are left out (exact either way).
+template <int W, typename param_t, bool kPrecond, bool kWeights, bool kBounds>
+LOCALVOL_ALWAYS_INLINE void stats_run_impl(LaneStats& s, const float* __restrict z, const param_t* __restrict x,
+                                           const param_t* __restrict p, const param_t* __restrict w,
+                                           const param_t* __restrict b, size_t m) {
+  auto one = [&](int l, size_t k) {
+    const double g = z[k];
+    const double pg = kPrecond ? g * static_cast<double>(p[k]) : g;
+    const double xj = x[k];
+    s.g2[l] += g * g;
+    s.pg2[l] += pg * pg;
+    if (kWeights) {
+      const double wj = w[k];
+      s.pgxw[l] += pg * xj * wj;
+      s.pg2w[l] += pg * pg * wj;
+    } else {
+      s.pgxw[l] += pg * xj;
+      s.pg2w[l] += pg * pg;
+    }
+    if (kBounds) {
+      const double sign = static_cast<double>((pg > 0) - (pg < 0));
+      const double v = (static_cast<double>(b[k]) - sign * xj) / std::fabs(pg);
+      if (v < s.exit[l]) s.exit[l] = v;
+      if (v != v) s.nan[l] = -1;
+    }
+  };
+  size_t k = 0;
+  for (; k < m && s.next != 0; ++k, s.next = (s.next + 1) % kLanes) one(s.next, k);
+  if (k + kLanes <= m) {
+    using Vec = typename LaneTypes<W>::Vec;
+    using VecF = typename LaneTypes<W>::VecF;
+    using Mask = typename LaneTypes<W>::Mask;
+    constexpr int kVecs = kLanes / W;
+    Vec g2[kVecs], pg2[kVecs], pgxw[kVecs], pg2w[kVecs], exit[kVecs];
+    Mask nan[kVecs];
+    std::memcpy(g2, s.g2, sizeof g2);
+    std::memcpy(pg2, s.pg2, sizeof pg2);
+    std::memcpy(pgxw, s.pgxw, sizeof pgxw);
+    std::memcpy(pg2w, s.pg2w, sizeof pg2w);
+    std::memcpy(exit, s.exit, sizeof exit);
+    std::memcpy(nan, s.nan, sizeof nan);
+    const Vec ones = Vec{} + 1.0, zeros = Vec{};
+    const Mask abs_mask = Mask{} + INT64_MAX;
+    for (; k + kLanes <= m; k += kLanes) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        const size_t at = k + static_cast<size_t>(v * W);
+        Vec g, pg, xj;
+        load_lanes<Vec, VecF>(z + at, g);
+        pg = g;
+        if (kPrecond) {
+          Vec pj;
+          load_lanes<Vec, VecF>(p + at, pj);
+          pg = g * pj;
+        }
+        load_lanes<Vec, VecF>(x + at, xj);
+        g2[v] += g * g;
+        pg2[v] += pg * pg;
+        if (kWeights) {
+          Vec wj;
+          load_lanes<Vec, VecF>(w + at, wj);
+          pgxw[v] += pg * xj * wj;
+          pg2w[v] += pg * pg * wj;
+        } else {
+          pgxw[v] += pg * xj;
+          pg2w[v] += pg * pg;
+        }
+        if (kBounds) {
+          Vec bj;
+          load_lanes<Vec, VecF>(b + at, bj);
+          const Vec sign = (pg > 0 ? ones : zeros) - (pg < 0 ? ones : zeros);
+          const Vec val = (bj - sign * xj) / reinterpret_cast<Vec>(reinterpret_cast<Mask>(pg) & abs_mask);
+          exit[v] = val < exit[v] ? val : exit[v];
+          nan[v] |= val != val;
+        }
+      }
+    }
+    std::memcpy(s.g2, g2, sizeof g2);
+    std::memcpy(s.pg2, pg2, sizeof pg2);
+    std::memcpy(s.pgxw, pgxw, sizeof pgxw);
+    std::memcpy(s.pg2w, pg2w, sizeof pg2w);
+    std::memcpy(s.exit, exit, sizeof exit);
+    std::memcpy(s.nan, nan, sizeof nan);
+  }
+  for (; k < m; ++k, s.next = (s.next + 1) % kLanes) one(s.next, k);
+}
+
+template <typename param_t, bool kPrecond, bool kWeights, bool kBounds>
+struct StatsRun {
+#define LOCALVOL_STATS_RUN(attributes, name, width)                                                             \
+  attributes static void name(LaneStats& s, const float* z, const param_t* x, const param_t* p, const param_t* w, \
+                              const param_t* b, size_t m) {                                                     \
+    stats_run_impl<width, param_t, kPrecond, kWeights, kBounds>(s, z, x, p, w, b, m);                           \
+  }
+  LOCALVOL_STATS_RUN(LOCALVOL_NO_CONTRACT, run_default, 2)
+#if LOCALVOL_X86_DISPATCH
+  LOCALVOL_STATS_RUN(LOCALVOL_TARGET_AVX2, run_avx2, 4)
+  LOCALVOL_STATS_RUN(LOCALVOL_TARGET_AVX512, run_avx512, 8)
+#endif
+#undef LOCALVOL_STATS_RUN
+  static auto pick() { return LOCALVOL_PICK(run); }
 };
 
 template <typename param_t, bool kPrecond, bool kWeights, bool kBounds>
@@ -563,17 +741,21 @@ void direction_stats_kernel(uint64_t seed, const at::Tensor& idx, const param_t*
                             const param_t* w, const param_t* bound, int64_t start, int64_t n, at::Tensor& out) {
   const int64_t rows = idx.numel();
   const int64_t* index = idx.const_data_ptr<int64_t>();
-  const StreamKernels& kernels = stream_kernels();
+  const GaussiansFn gaussians = stream_gaussians();
+  const auto run = StatsRun<param_t, kPrecond, kWeights, kBounds>::pick();
   const BlockRange blocks = block_range(start, n);
   const int64_t runs_per_row = std::max<int64_t>(1, (blocks.count + kBlocksPerTask - 1) / kBlocksPerTask);
   // Partial sums per fixed run of blocks, merged in order: the result does not depend on the thread count.
   std::vector<Stats> partial(rows * runs_per_row);
   parallel_tasks(rows, start, n, [&](int64_t id, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
-    LaneStats<param_t, kPrecond, kWeights, kBounds> lanes;
+    LaneStats lanes;
     walk_chunks(
         first, last, start, n,
-        [&](uint64_t block, int count) { kernels.gaussians(seed, static_cast<uint64_t>(index[row]), block, count, chunk); },
-        [&](int64_t j, int64_t k0, int64_t m) { lanes.add_run(chunk.z + k0, x, p, w, bound, j, m); });
+        [&](uint64_t block, int count) { gaussians(seed, static_cast<uint64_t>(index[row]), block, count, chunk); },
+        [&](int64_t j, int64_t k0, int64_t m) {
+          run(lanes, chunk.z + k0, x + j, p ? p + j : nullptr, w ? w + j : nullptr, bound ? bound + j : nullptr,
+              static_cast<size_t>(m));
+        });
     partial[id] = lanes.total();
   });
   double* o = out.mutable_data_ptr<double>();
@@ -639,34 +821,56 @@ at::Tensor direction_stats_cpu(int64_t seed, const at::Tensor& indices, const at
 
 // ------------------------------------------------------------------ perturb_
 
+// out[j * stride] = x[j] + scale * p[j] z[j] for j < m, in float64, rounded once to out's dtype.
+template <typename out_t, typename param_t, bool kPrecond>
+LOCALVOL_ALWAYS_INLINE void perturb_run_impl(out_t* __restrict out, int64_t stride, const float* __restrict z,
+                                             const param_t* __restrict x, const param_t* __restrict p, double scale,
+                                             size_t m) {
+  auto value = [&](size_t k) {
+    const double pg = kPrecond ? static_cast<double>(z[k]) * static_cast<double>(p[k]) : static_cast<double>(z[k]);
+    return static_cast<out_t>(static_cast<double>(x[k]) + scale * pg);
+  };
+  if (stride == 1) {
+    for (size_t k = 0; k < m; ++k) out[k] = value(k);
+  } else {
+    for (size_t k = 0; k < m; ++k) out[static_cast<int64_t>(k) * stride] = value(k);
+  }
+}
+
+template <typename out_t, typename param_t, bool kPrecond>
+struct PerturbRun {
+#define LOCALVOL_PERTURB_RUN(attributes, name)                                                                   \
+  attributes static void name(out_t* out, int64_t stride, const float* z, const param_t* x, const param_t* p, \
+                              double scale, size_t m) {                                                          \
+    perturb_run_impl<out_t, param_t, kPrecond>(out, stride, z, x, p, scale, m);                                 \
+  }
+  LOCALVOL_PERTURB_RUN(LOCALVOL_NO_CONTRACT, run_default)
+#if LOCALVOL_X86_DISPATCH
+  LOCALVOL_PERTURB_RUN(LOCALVOL_TARGET_AVX2, run_avx2)
+  LOCALVOL_PERTURB_RUN(LOCALVOL_TARGET_AVX512, run_avx512)
+#endif
+#undef LOCALVOL_PERTURB_RUN
+  static auto pick() { return LOCALVOL_PICK(run); }
+};
+
 template <typename out_t, typename param_t, bool kPrecond>
 void perturb_kernel(at::Tensor& out, RowLayout layout, const at::Tensor& anchor, const at::Tensor& precond,
                     uint64_t seed, const at::Tensor& idx, const at::Tensor& scales, int64_t start) {
   out_t* o = out.mutable_data_ptr<out_t>();
-  const param_t* __restrict x = anchor.const_data_ptr<param_t>();
-  const param_t* __restrict p = static_cast<const param_t*>(data_or_null(precond));
+  const param_t* x = anchor.const_data_ptr<param_t>();
+  const param_t* p = static_cast<const param_t*>(data_or_null(precond));
   const double* scale = scales.const_data_ptr<double>();
   const int64_t* index = idx.const_data_ptr<int64_t>();
   const int64_t n = anchor.numel();
-  const StreamKernels& kernels = stream_kernels();
+  const GaussiansFn gaussians = stream_gaussians();
+  const auto run = PerturbRun<out_t, param_t, kPrecond>::pick();
   parallel_tasks(idx.numel(), start, n, [&](int64_t, int64_t row, int64_t first, int64_t last, StreamChunk& chunk) {
-    const double s = scale[row];
     walk_chunks(
         first, last, start, n,
-        [&](uint64_t block, int count) { kernels.gaussians(seed, static_cast<uint64_t>(index[row]), block, count, chunk); },
+        [&](uint64_t block, int count) { gaussians(seed, static_cast<uint64_t>(index[row]), block, count, chunk); },
         [&](int64_t j, int64_t k0, int64_t m) {
-          // Computed in float64 like the reference, rounded once to out's dtype.
-          const float* __restrict z = chunk.z + k0;
-          auto value = [&](int64_t k) {
-            const double pg = kPrecond ? static_cast<double>(z[k]) * static_cast<double>(p[j + k]) : static_cast<double>(z[k]);
-            return static_cast<out_t>(static_cast<double>(x[j + k]) + s * pg);
-          };
-          out_t* dst = o + row * layout.row_stride + j * layout.col_stride;
-          if (layout.col_stride == 1) {
-            for (int64_t k = 0; k < m; ++k) dst[k] = value(k);
-          } else {
-            for (int64_t k = 0; k < m; ++k) dst[k * layout.col_stride] = value(k);
-          }
+          run(o + row * layout.row_stride + j * layout.col_stride, layout.col_stride, chunk.z + k0, x + j,
+              kPrecond ? p + j : nullptr, scale[row], static_cast<size_t>(m));
         });
   });
 }
