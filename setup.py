@@ -62,14 +62,18 @@ def extension_modules():
             )
         use_cuda = True
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    # No fast math anywhere: the random stream's logf/sinf/cosf must stay accurate (csrc/philox.h).
-    cxx_flags = ["-O3"]
+    # No fast math anywhere: the random stream's logf/sinf/cosf must stay accurate (csrc/philox.h), and no
+    # contraction into FMAs, so every CPU path does the same IEEE operations. OpenMP makes
+    # at::parallel_for (a header template) really run on several threads.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         nvcc_flags = ["-O3", "-lineinfo"]
-        ext = CUDAExtension("localvol_fast._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+        ext = CUDAExtension(
+            "localvol_fast._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"]
+        )
     else:
-        ext = CppExtension("localvol_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("localvol_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
     print(f"localvol_fast: building {'CUDA' if use_cuda else 'CPU-only'} extension ({len(sources)} sources)")
     return [ext], {"build_ext": BuildExtension}
 
