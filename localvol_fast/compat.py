@@ -100,7 +100,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .measures import DirectionStats, GaussianMeasure, UniformMeasure
+from .measures import DirectionStats, UniformMeasure, make_measure
 from .models import estimate, select_parameters, selected_optimizer_state
 from .preconditioners import adam_preconditioner, normalize_preconditioner
 from .progress import ProgressBar
@@ -467,24 +467,12 @@ def _direction_stats(w: torch.Tensor, center: torch.Tensor, weights: torch.Tenso
 
 
 class _GaussianTerms:
-    """The Gaussian pieces of tyche's formula, generalized to per-parameter sigma."""
+    """tyche's split of the Gaussian estimate: gaussint (with the anchor term c) and the constant rest."""
 
     def __init__(self, center: torch.Tensor, sigma):
-        x = center.detach().to(torch.float64)
-        if sigma is None:
-            sigma = float(torch.sqrt((x * x).mean()))
-            if not sigma > 0:
-                raise ValueError("params is all zeros, so sigma=None (its RMS) is 0; pass sigma explicitly")
-        self.measure = GaussianMeasure(center.detach(), sigma)
-        dim = x.numel()
-        if self.measure.sigma_scalar is not None:
-            s = self.measure.sigma_scalar
-            self.c = -0.5 * float((x * x).sum()) / s**2
-            self.log_const = log_sphere_area(dim) - 0.5 * dim * (_LOG_2PI + 2.0 * math.log(s))
-        else:
-            sv = self.measure.sigma_vector.to(x.device)
-            self.c = -0.5 * float((x * x / sv**2).sum())
-            self.log_const = log_sphere_area(dim) - 0.5 * dim * _LOG_2PI - float(torch.log(sv).sum())
+        self.measure = make_measure("gaussian", center.detach(), sigma=sigma)
+        self.c = self.measure.anchor_log_density_term
+        self.log_const = log_sphere_area(self.measure.dim) + self.measure.log_normalizer
 
 
 def _estimate_directions(

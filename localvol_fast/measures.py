@@ -90,6 +90,7 @@ class GaussianMeasure:
 
     Along theta0 + t w_hat the density is (2 pi)^(-D/2) prod(1/sigma_i) exp(-a t^2/2 + b t + c) with
     a = sum w_i^2 / sigma_i^2, b = -sum w_i theta0_i / sigma_i^2, c = -sum theta0_i^2 / (2 sigma_i^2).
+    ``log_normalizer`` is log((2 pi)^(-D/2) prod(1/sigma_i)) and ``anchor_log_density_term`` is c.
     """
 
     name = "gaussian"
@@ -101,13 +102,13 @@ class GaussianMeasure:
         if self.sigma_scalar is not None:
             self.weights = None
             self._scale = 1.0 / self.sigma_scalar**2
-            self._log_normalizer = -0.5 * self.dim * math.log(2 * math.pi) - self.dim * math.log(self.sigma_scalar)
-            self._c = -0.5 * sum_of_squares(anchor) * self._scale
+            self.log_normalizer = -0.5 * self.dim * math.log(2 * math.pi) - self.dim * math.log(self.sigma_scalar)
+            self.anchor_log_density_term = -0.5 * sum_of_squares(anchor) * self._scale
         else:
             self.weights = 1.0 / self.sigma_vector**2
             self._scale = 1.0
-            self._log_normalizer = -0.5 * self.dim * math.log(2 * math.pi) - float(torch.log(self.sigma_vector).sum())
-            self._c = -0.5 * sum_of_squares(anchor, self.weights)
+            self.log_normalizer = -0.5 * self.dim * math.log(2 * math.pi) - float(torch.log(self.sigma_vector).sum())
+            self.anchor_log_density_term = -0.5 * sum_of_squares(anchor, self.weights)
         self.bounds = None
 
     def radial_coefficients(self, stats: DirectionStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +129,7 @@ class GaussianMeasure:
         """log of A_{D-1} * integral_0^r m(theta0 + t w_hat) t^(D-1) dt per direction."""
         a, b = self.radial_coefficients(stats)
         integral = log_radial_integral(float(self.dim - 1), a, b, radii.double())
-        return log_sphere_area(self.dim) + self._log_normalizer + self._c + integral
+        return log_sphere_area(self.dim) + self.log_normalizer + self.anchor_log_density_term + integral
 
     def describe(self) -> dict:
         sigma = self.sigma_scalar if self.sigma_scalar is not None else "per-parameter"
@@ -156,7 +157,7 @@ class UniformMeasure:
             x = anchor.detach().reshape(-1).double()
             scalar, vector = _positive_vector(bounds, self.dim, "bounds")
             self.bounds = vector if vector is not None else torch.full((self.dim,), scalar, dtype=torch.float64)
-            self._log_normalizer = -float(torch.log(2 * self.bounds).sum())
+            self.log_normalizer = -float(torch.log(2 * self.bounds).sum())
             outside = x.abs() > self.bounds
             if bool(outside.any()):
                 k = int(outside.nonzero()[0])
@@ -167,7 +168,7 @@ class UniformMeasure:
                 )
         else:
             self.bounds = None
-            self._log_normalizer = 0.0
+            self.log_normalizer = 0.0
         if max_radius is None:
             max_radius = _LEBESGUE_MAX_RADIUS_FACTOR * max(math.sqrt(sum_of_squares(anchor)), 1.0)
         self.max_radius = float(max_radius)
@@ -184,7 +185,7 @@ class UniformMeasure:
         r = radii.double()
         if self.is_box:
             r = torch.minimum(r, self.radius_cap(stats))
-        return log_ball_volume(self.dim) + self._log_normalizer + self.dim * torch.log(r)
+        return log_ball_volume(self.dim) + self.log_normalizer + self.dim * torch.log(r)
 
     def describe(self) -> dict:
         info = {"name": self.name, "box": self.is_box}
