@@ -84,4 +84,44 @@ inline RowLayout perturb_out_layout(const at::Tensor& out, int64_t rows, int64_t
   return {n, 1};
 }
 
+// kl_against_anchor's inputs checked and viewed as (N, T, V) with a contiguous vocabulary, and the
+// mask as a contiguous float (N, T) tensor (undefined without one). Call under the device's guard.
+struct KLInputs {
+  at::Tensor logits;
+  at::Tensor anchor;
+  at::Tensor mask;
+  int64_t rows;
+  int64_t positions;
+  int64_t vocab;
+};
+
+inline KLInputs prepare_kl_inputs(const at::Tensor& logits_in, const at::Tensor& anchor_in,
+                                  const std::optional<at::Tensor>& mask_in) {
+  const char* op = "kl_against_anchor";
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 || logits_in.dim() == 3, op, ": logits must be (N, T, V) or (N, V), got ",
+                    logits_in.sizes());
+  TORCH_CHECK_VALUE(anchor_in.sizes() == logits_in.sizes(), op, ": anchor_logprobs must match logits ",
+                    logits_in.sizes(), ", got ", anchor_in.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(logits_in.scalar_type()) && at::isFloatingType(anchor_in.scalar_type()), op,
+                   ": logits and anchor_logprobs must be floating, got ", logits_in.scalar_type(), " and ",
+                   anchor_in.scalar_type());
+  check_same_device(op, "anchor_logprobs", anchor_in, logits_in);
+  KLInputs in;
+  // (N, V) is (N, 1, V); outer dims keep their strides, only the vocabulary must be contiguous.
+  in.logits = logits_in.dim() == 2 ? logits_in.unsqueeze(1) : logits_in;
+  in.anchor = anchor_in.dim() == 2 ? anchor_in.unsqueeze(1) : anchor_in;
+  if (in.logits.stride(2) != 1) in.logits = in.logits.contiguous();
+  if (in.anchor.stride(2) != 1) in.anchor = in.anchor.contiguous();
+  in.rows = in.logits.size(0);
+  in.positions = in.logits.size(1);
+  in.vocab = in.logits.size(2);
+  if (mask_in.has_value() && mask_in->defined()) {
+    TORCH_CHECK_VALUE(mask_in->numel() == in.rows * in.positions, op, ": mask must be (N, T) = (", in.rows, ", ",
+                      in.positions, "), got shape ", mask_in->sizes());
+    check_same_device(op, "mask", *mask_in, logits_in);
+    in.mask = mask_in->reshape({in.rows, in.positions}).to(at::kFloat).contiguous();
+  }
+  return in;
+}
+
 }  // namespace localvol

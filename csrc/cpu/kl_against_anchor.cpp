@@ -88,29 +88,9 @@ float position_kl(const logit_t* logits, const anchor_t* anchor, int64_t vocab) 
 
 at::Tensor kl_against_anchor_cpu(const at::Tensor& logits_in, const at::Tensor& anchor_in,
                                  const std::optional<at::Tensor>& mask_in) {
-  const char* op = "kl_against_anchor";
-  TORCH_CHECK_VALUE(logits_in.dim() == 2 || logits_in.dim() == 3, op, ": logits must be (N, T, V) or (N, V), got ",
-                    logits_in.sizes());
-  TORCH_CHECK_VALUE(anchor_in.sizes() == logits_in.sizes(), op, ": anchor_logprobs must match logits ",
-                    logits_in.sizes(), ", got ", anchor_in.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(logits_in.scalar_type()) && at::isFloatingType(anchor_in.scalar_type()), op,
-                   ": logits and anchor_logprobs must be floating, got ", logits_in.scalar_type(), " and ",
-                   anchor_in.scalar_type());
-  check_same_device(op, "anchor_logprobs", anchor_in, logits_in);
-  // (N, V) is (N, 1, V); outer dims keep their strides, only the vocabulary must be contiguous.
-  at::Tensor logits = logits_in.dim() == 2 ? logits_in.unsqueeze(1) : logits_in;
-  at::Tensor anchor = anchor_in.dim() == 2 ? anchor_in.unsqueeze(1) : anchor_in;
-  if (logits.stride(2) != 1) logits = logits.contiguous();
-  if (anchor.stride(2) != 1) anchor = anchor.contiguous();
-  const int64_t rows = logits.size(0), positions = logits.size(1), vocab = logits.size(2);
-
-  at::Tensor mask;
-  if (mask_in.has_value() && mask_in->defined()) {
-    TORCH_CHECK_VALUE(mask_in->numel() == rows * positions, op, ": mask must be (N, T) = (", rows, ", ", positions,
-                      "), got shape ", mask_in->sizes());
-    check_same_device(op, "mask", *mask_in, logits_in);
-    mask = mask_in->reshape({rows, positions}).to(at::kFloat).contiguous();
-  }
+  const KLInputs in = prepare_kl_inputs(logits_in, anchor_in, mask_in);
+  const at::Tensor &logits = in.logits, &anchor = in.anchor, &mask = in.mask;
+  const int64_t rows = in.rows, positions = in.positions, vocab = in.vocab;
   const float* m = mask.defined() ? mask.const_data_ptr<float>() : nullptr;
 
   at::Tensor per_position = at::zeros({rows, positions}, logits.options().dtype(at::kFloat));
