@@ -8,29 +8,14 @@ ratios, version and machine information is ``bench/compare.py``.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+# bench/ is not a package: compare.py loads bench/models.py by path, and both files use that one module.
+from compare import bench_models
+
 import localvol_fast as lv
 from localvol_fast.baseline import baseline_estimate
-
-
-def _load_bench_models():
-    """bench/models.py by path (``bench/`` is not a package)."""
-    name = "localvol_bench_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("models.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench_models = _load_bench_models()
 
 DIRECTIONS = {"digits_mlp": 32, "large_mlp": 8, "tiny_lm": 3}
 THREADS = 1  # as compare.py: on this shared 2-core machine 2 threads stall behind a busy neighbour

@@ -62,11 +62,11 @@ def kernel_figures(device, quick: bool) -> dict:
         ops = get_backend(name, device)
         entry = {}
         cases = {
-            "gaussian_8xN": (lambda: ops.gaussian(7, indices, 0, n), 8 * n * 4),
-            "direction_stats_8xN": (lambda: ops.direction_stats(7, indices, anchor, precond, None, None, 0), 2 * n * 4),
-            "perturb_8xN": (lambda: ops.perturb_(out, anchor, precond, 7, indices, scales, 0), 8 * n * 4 + 2 * n * 4),
+            "gaussian_8xN": (lambda ops=ops: ops.gaussian(7, indices, 0, n), 8 * n * 4),
+            "direction_stats_8xN": (lambda ops=ops: ops.direction_stats(7, indices, anchor, precond, None, None, 0), 2 * n * 4),
+            "perturb_8xN": (lambda ops=ops: ops.perturb_(out, anchor, precond, 7, indices, scales, 0), 8 * n * 4 + 2 * n * 4),
             "kl_rows_x_positions_x_vocab": (
-                lambda: ops.kl_against_anchor(logits, anchor_lp, None),
+                lambda ops=ops: ops.kl_against_anchor(logits, anchor_lp, None),
                 logits.numel() * (logits.element_size() + 4),
             ),
         }
