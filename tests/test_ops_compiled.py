@@ -6,6 +6,7 @@ CPU and the kernel's result is compared there. A backend without kernels is repo
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -209,7 +210,8 @@ def _kl_inputs(shape, dtype, anchor_dtype, gen, spread=0.3):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, atol, rtol", KL_DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 5), (3, 5, 1023), (7, 2, 4099), (5, 1023), (7, 1)])
+# (5, 7, 10) and (40, 3): small vocabularies, whose positions the CPU kernel takes 16 at a time.
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 5), (5, 7, 10), (40, 3), (3, 5, 1023), (7, 2, 4099), (5, 1023), (7, 1)])
 @pytest.mark.parametrize("anchor_same_dtype", [True, False])
 def test_kl_matches_reference(device, dtype, atol, rtol, shape, anchor_same_dtype):
     gen = torch.Generator().manual_seed(sum(shape))
@@ -248,6 +250,28 @@ def test_kl_non_contiguous_and_edge_cases(device):
     assert compiled.kl_against_anchor(torch.empty(0, 4, 5, device=device), torch.empty(0, 4, 5, device=device)).shape == (0,)
     no_positions = compiled.kl_against_anchor(torch.empty(2, 0, 5, device=device), torch.empty(2, 0, 5, device=device))
     assert torch.equal(no_positions.cpu(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [10, 300])
+def test_kl_extreme_logits_and_impossible_classes(device, vocab):
+    """Logits far apart (exp underflows to 0 for most classes), anchor classes of probability exactly 0,
+    and +-inf logits: the kernel's exp must match the float64 ground truth."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, 9, vocab, generator=gen) * 60
+    anchor = torch.log_softmax(logits + torch.randn(logits.shape, generator=gen), -1)
+    anchor[0, :, 1:] = -math.inf  # the anchor is certain of class 0
+    anchor[1, :, : vocab // 2] = -math.inf
+    anchor[2, 0] = 0.0  # uniform after the log_softmax
+    anchor = torch.log_softmax(anchor, -1)
+    logits[2, 0, 3] = -math.inf  # a class the probe rules out, that the anchor gives probability to
+    a = anchor.double()
+    terms = torch.where(a.exp() > 0, a.exp() * (a - torch.log_softmax(logits.double(), -1)), 0)
+    truth = terms.sum(-1).mean(-1)
+    got = compiled.kl_against_anchor(logits.to(device), anchor.to(device)).cpu().double()
+    assert torch.isinf(truth[2]) and torch.isinf(got[2])
+    keep = torch.tensor([0, 1, 3])
+    torch.testing.assert_close(got[keep], truth[keep], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -356,6 +380,57 @@ def test_kl_and_perturb_extra_memory_is_not_full_size():
         copy = m[f"{op}_copy"]
         assert m[f"{op}_reference"] > copy, m  # the method sees a full-size temporary
         assert m[op] < copy / 8, m
+
+
+# ---------------------------------------------------------------- instruction-set paths
+
+_ISA_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from localvol_fast.ops import compiled
+    x = torch.load(sys.argv[1])
+    out = torch.empty(3, x["anchor"].numel())
+    torch.save({
+        "gaussian": compiled.gaussian(7, x["idx"], 3, 5003),
+        "stats": compiled.direction_stats(7, x["idx"], x["anchor"], x["precond"], x["precond"], x["bounds"], 1),
+        "perturb": compiled.perturb_(out, x["anchor"], x["precond"], 7, x["idx"], x["scales"], 1),
+        "kl_small": compiled.kl_against_anchor(x["logits"], x["logits_anchor"]),
+        "kl_big": compiled.kl_against_anchor(x["big"], x["big_anchor"]),
+    }, sys.argv[2])
+    """
+)
+
+
+@pytest.mark.skipif(not compiled.is_available("cpu"), reason=f"localvol CPU kernels not registered; {compiled.BUILD_HINT}")
+def test_every_instruction_set_path_gives_the_same_bits(tmp_path):
+    """The CPU kernels pick a default, AVX2 or AVX-512 path at run time (ATEN_CPU_CAPABILITY caps it, as
+    for torch); the paths must agree bit for bit. Paths the CPU lacks fall back to narrower ones. The
+    inputs are made here and loaded by each child: torch's own kernels (randn, log_softmax) do differ."""
+    gen = torch.Generator().manual_seed(3)
+    logits, big = torch.randn(6, 37, 10, generator=gen) * 4, torch.randn(2, 3, 3001, generator=gen) * 4
+    inputs = {
+        "idx": torch.tensor([0, 5, 2**40 + 3]),
+        "anchor": torch.randn(5003, generator=gen),
+        "precond": torch.rand(5003, generator=gen) + 0.5,
+        "bounds": torch.rand(5003, generator=gen) + 1,
+        "scales": torch.tensor([0.1, 2.0, 3e-3], dtype=torch.float64),
+        "logits": logits,
+        "logits_anchor": torch.log_softmax(logits.roll(1, 0), -1),
+        "big": big,
+        "big_anchor": torch.log_softmax(big.roll(1, 0), -1),
+    }
+    torch.save(inputs, tmp_path / "inputs.pt")
+    results = {}
+    for capability in ("default", "avx2", "avx512"):
+        path = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+        done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "inputs.pt"), str(path)], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        results[capability] = torch.load(path)
+    for capability in ("avx2", "avx512"):
+        for name, value in results["default"].items():
+            assert torch.equal(results[capability][name], value), (capability, name)
 
 
 # ---------------------------------------------------------------- without the extension
