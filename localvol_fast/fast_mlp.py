@@ -86,6 +86,7 @@ class SequentialMLPCost(ModelCost):
         w1, b1 = self.weights[0]
         with torch.no_grad():
             self.first_outputs = [torch.nn.functional.linear(b.args[0], w1, b1) for b in batches]
+        self._buffers: dict = {}  # see _kept
         widest = max(m.out_features for m, *_ in (x for x in self.layers if isinstance(x, tuple)))
         rows = max(b.args[0].shape[0] for b in batches)
         self.probe_chunk = max(1, PROBE_CHUNK_ELEMENTS // (rows * widest))
@@ -97,10 +98,23 @@ class SequentialMLPCost(ModelCost):
         directions = batch.unit_vectors(self.anchor.dtype)  # (B, D) w_hat
         self.factors = [self._split(directions, layer) for layer in self.layers if isinstance(layer, tuple)]
         first_v, first_vb = self.factors[0]
+        # U1 = V1 x + v1: (B, n, out), one batched product per data batch.
         self.first_direction_outputs = []
-        for b in self.batches:
-            u = torch.einsum("ni,boi->bno", b.args[0], first_v)
-            self.first_direction_outputs.append(u if first_vb is None else u + first_vb[:, None, :])
+        for k, b in enumerate(self.batches):
+            x = b.args[0].expand(first_v.shape[0], *b.args[0].shape)
+            out = self._kept(("U1", k), (*x.shape[:2], first_v.shape[1]), first_v)
+            if first_vb is None:
+                self.first_direction_outputs.append(torch.bmm(x, first_v.transpose(1, 2), out=out))
+            else:
+                self.first_direction_outputs.append(torch.baddbmm(first_vb[:, None, :], x, first_v.transpose(1, 2), out=out))
+
+    def _kept(self, key, shape, like) -> torch.Tensor:
+        """An uninitialized ``shape`` tensor carved from a buffer kept under ``key`` between calls: a fresh
+        large tensor per call costs about as much in page faults as the arithmetic that fills it."""
+        kept = self._buffers.get(key)
+        if kept is None or kept.shape[0] < shape[0] or kept.shape[1:] != shape[1:] or kept.dtype != like.dtype:
+            kept = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return kept[: shape[0]]
 
     def _anchor_slices(self, layer):
         module, w_off, b_off = layer
@@ -139,7 +153,9 @@ class SequentialMLPCost(ModelCost):
         return costs.cpu()
 
     def _forward_factored(self, batch_number: int, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = torch.addcmul(self.first_outputs[batch_number], t[:, None, None], self.first_direction_outputs[batch_number][rows])
+        first = self.first_direction_outputs[batch_number]
+        h = torch.index_select(first, 0, rows, out=self._kept("h1", (rows.numel(), *first.shape[1:]), first))
+        h = torch.addcmul(self.first_outputs[batch_number], t[:, None, None], h, out=h)  # A1 + t U1[row]
         linear_number = 1
         for layer in self.layers[1:]:
             if not isinstance(layer, tuple):
@@ -148,9 +164,11 @@ class SequentialMLPCost(ModelCost):
             v, vb = self.factors[linear_number]
             weight, bias = self.weights[linear_number]
             linear_number += 1
-            h = torch.matmul(h, torch.addcmul(weight, t[:, None, None], v[rows]).transpose(-1, -2))
-            if vb is not None:
-                h = h + torch.addcmul(bias, t[:, None], vb[rows])[:, None, :]
+            probe_weight = torch.addcmul(weight, t[:, None, None], v[rows]).transpose(-1, -2)
+            if vb is None:
+                h = torch.bmm(h, probe_weight)
+            else:
+                h = torch.baddbmm(torch.addcmul(bias, t[:, None], vb[rows])[:, None, :], h, probe_weight)
         return h
 
     def _forward_fused(self, x: torch.Tensor, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
