@@ -326,6 +326,8 @@ class _CutoffTrack:
     def __init__(self, eps: float, initial_radius: float, pilot: int, below: "_CutoffTrack | None"):
         self.eps, self.initial_radius, self.pilot, self.below = eps, initial_radius, pilot, below
         self.start_radius, self.slope_hint, self.ratio = initial_radius, 2.0, math.nan
+        self.mostly_unbounded = False
+        self.reached: dict[int, bool] = {}  # whether the direction's ray met the cutoff inside the measure
         self.parts: list[DirectionRecords] = []
         self.radius: dict[int, float] = {}
         self.slope: dict[int, float] = {}
@@ -335,8 +337,11 @@ class _CutoffTrack:
         return DirectionRecords.concat(self.parts)
 
     def first_probes(self, indices: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """A direction's radius at the cutoff below times the pilot's typical ratio, else the typical radius."""
+        """A direction's radius at the cutoff below times the pilot's typical ratio, else the typical radius;
+        the measure's reach (inf, capped by the search) where most pilot directions never reached the cutoff."""
         n = indices.numel()
+        if self.mostly_unbounded:
+            return torch.full((n,), math.inf, dtype=torch.float64)
         if previous is None:
             return torch.full((n,), self.start_radius, dtype=torch.float64)
         if math.isnan(self.ratio):
@@ -345,8 +350,9 @@ class _CutoffTrack:
 
     def add(self, records: "DirectionRecords") -> None:
         self.parts.append(records)
-        for i, r, s in zip(records.indices.tolist(), records.radii.tolist(), records.slopes.tolist()):
+        for i, r, s, status in zip(records.indices.tolist(), records.radii.tolist(), records.slopes.tolist(), records.status):
             self.radius[i], self.slope[i] = r, s
+            self.reached[i] = status not in (UNBOUNDED, CLIPPED)
         if self._stage == 0 and 0 in self.radius:
             self.start_radius = typical_radius(torch.tensor([self.radius[0]]), self.initial_radius)
             self._stage = 1
@@ -356,6 +362,8 @@ class _CutoffTrack:
             radii = torch.tensor([self.radius[i] for i in range(self.pilot)], dtype=torch.float64)
             self.start_radius = typical_radius(radii, self.initial_radius)
             self.slope_hint = typical_slope(torch.tensor([self.slope[i] for i in range(self.pilot)]), 2.0)
+            # A cutoff most rays never reach (a saturating cost): one probe at the reach settles those.
+            self.mostly_unbounded = 2 * sum(self.reached[i] for i in range(self.pilot)) < self.pilot
             if self.below is not None:
                 below = torch.tensor([self.below.radius[i] for i in range(self.pilot)], dtype=torch.float64)
                 self.ratio = typical_radius(radii / below, math.nan)

@@ -207,3 +207,15 @@ def test_several_cutoffs_in_one_search_match_separate_searches():
         estimate_volume(cost, anchor, cutoff=[], **kw)
     with pytest.raises(ValueError, match="cutoff"):
         estimate_volume(cost, anchor, cutoff=[1e-2, -1.0], **kw)
+
+
+def test_a_cutoff_most_rays_never_reach_costs_one_probe_after_the_pilot():
+    """A saturating cost (at most 0.5) never reaches the cutoff 1: once the pilot has seen that, every
+    later direction is settled by one probe at the measure's reach instead of a guess and then the reach."""
+    anchor = torch.zeros(50, dtype=torch.float64)
+    cost = lambda th: 0.5 * torch.tanh((th.double() ** 2).sum(1))  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="unbounded"):
+        low, high = estimate_volume(cost, anchor, cutoff=[1e-2, 1.0], n_samples=40, sigma=1.0, seed=1)
+    assert set(low.status) == {"converged"} and set(high.status) == {"unbounded"}
+    later = high.indices >= 8
+    assert torch.equal(high.n_evals[later], torch.ones(int(later.sum()), dtype=high.n_evals.dtype))
