@@ -74,9 +74,18 @@ Fn pick_isa(Fn on_default, Fn on_avx2, Fn on_avx512) {
   }
 }
 
+// LOCALVOL_ISA_PATHS(DEFINE, name, w1, w2, w3) expands DEFINE(attributes, name_<path>, width) for the
+// default, AVX2 and AVX-512 paths (only the default one off x86), the widths being the op's vector lanes
+// on each; LOCALVOL_PICK(name) is then the path for this CPU.
 #if LOCALVOL_X86_DISPATCH
+#define LOCALVOL_ISA_PATHS(DEFINE, name, width_default, width_avx2, width_avx512) \
+  DEFINE(LOCALVOL_NO_CONTRACT, name##_default, width_default)                     \
+  DEFINE(LOCALVOL_TARGET_AVX2, name##_avx2, width_avx2)                           \
+  DEFINE(LOCALVOL_TARGET_AVX512, name##_avx512, width_avx512)
 #define LOCALVOL_PICK(name) pick_isa(&name##_default, &name##_avx2, &name##_avx512)
 #else
+#define LOCALVOL_ISA_PATHS(DEFINE, name, width_default, width_avx2, width_avx512) \
+  DEFINE(LOCALVOL_NO_CONTRACT, name##_default, width_default)
 #define LOCALVOL_PICK(name) (&name##_default)
 #endif
 

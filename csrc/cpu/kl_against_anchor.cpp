@@ -244,11 +244,7 @@ struct PositionsKL {
 
 #define LOCALVOL_KL_RUN(attributes, name, width) \
   attributes static void name(const Args& g, int64_t begin, int64_t end) { run_impl<width>(g, begin, end); }
-  LOCALVOL_KL_RUN(LOCALVOL_NO_CONTRACT, run_default, 4)
-#if LOCALVOL_X86_DISPATCH
-  LOCALVOL_KL_RUN(LOCALVOL_TARGET_AVX2, run_avx2, 8)
-  LOCALVOL_KL_RUN(LOCALVOL_TARGET_AVX512, run_avx512, 16)
-#endif
+  LOCALVOL_ISA_PATHS(LOCALVOL_KL_RUN, run, 4, 8, 16)
 #undef LOCALVOL_KL_RUN
   static auto pick() { return LOCALVOL_PICK(run); }
 };

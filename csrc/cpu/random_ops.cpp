@@ -659,11 +659,7 @@ struct StatsRun {
                               const param_t* b, size_t m) {                                                     \
     stats_run_impl<width, param_t, kPrecond, kWeights, kBounds>(s, z, x, p, w, b, m);                           \
   }
-  LOCALVOL_STATS_RUN(LOCALVOL_NO_CONTRACT, run_default, 2)
-#if LOCALVOL_X86_DISPATCH
-  LOCALVOL_STATS_RUN(LOCALVOL_TARGET_AVX2, run_avx2, 4)
-  LOCALVOL_STATS_RUN(LOCALVOL_TARGET_AVX512, run_avx512, 8)
-#endif
+  LOCALVOL_ISA_PATHS(LOCALVOL_STATS_RUN, run, 2, 4, 8)
 #undef LOCALVOL_STATS_RUN
   static auto pick() { return LOCALVOL_PICK(run); }
 };
@@ -771,16 +767,12 @@ LOCALVOL_ALWAYS_INLINE void perturb_run_impl(out_t* __restrict out, int64_t stri
 
 template <typename out_t, typename param_t, bool kPrecond>
 struct PerturbRun {
-#define LOCALVOL_PERTURB_RUN(attributes, name)                                                                   \
+#define LOCALVOL_PERTURB_RUN(attributes, name, width)                                                            \
   attributes static void name(out_t* out, int64_t stride, const float* z, const param_t* x, const param_t* p, \
                               double scale, size_t m) {                                                          \
     perturb_run_impl<out_t, param_t, kPrecond>(out, stride, z, x, p, scale, m);                                 \
   }
-  LOCALVOL_PERTURB_RUN(LOCALVOL_NO_CONTRACT, run_default)
-#if LOCALVOL_X86_DISPATCH
-  LOCALVOL_PERTURB_RUN(LOCALVOL_TARGET_AVX2, run_avx2)
-  LOCALVOL_PERTURB_RUN(LOCALVOL_TARGET_AVX512, run_avx512)
-#endif
+  LOCALVOL_ISA_PATHS(LOCALVOL_PERTURB_RUN, run, 0, 0, 0)  // no width: the compiler vectorizes the loop per path
 #undef LOCALVOL_PERTURB_RUN
   static auto pick() { return LOCALVOL_PICK(run); }
 };
