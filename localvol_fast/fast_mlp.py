@@ -87,6 +87,8 @@ class SequentialMLPCost(ModelCost):
         with torch.no_grad():
             self.first_outputs = [torch.nn.functional.linear(b.args[0], w1, b1) for b in batches]
         self._buffers: dict = {}  # see _kept
+        ones = lambda x: torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)  # noqa: E731
+        self.first_inputs = [b.args[0] if b1 is None else torch.cat([b.args[0], ones(b.args[0])], 1) for b in batches]
         widest = max(m.out_features for m, *_ in (x for x in self.layers if isinstance(x, tuple)))
         rows = max(b.args[0].shape[0] for b in batches)
         self.probe_chunk = max(1, PROBE_CHUNK_ELEMENTS // (rows * widest))
@@ -98,15 +100,14 @@ class SequentialMLPCost(ModelCost):
         directions = batch.unit_vectors(self.anchor.dtype)  # (B, D) w_hat
         self.factors = [self._split(directions, layer) for layer in self.layers if isinstance(layer, tuple)]
         first_v, first_vb = self.factors[0]
+        if first_vb is not None:  # [V1 v1] [x; 1]: the bias rides in the product, not in a (B, n, out) copy
+            first_v = torch.cat([first_v, first_vb[:, :, None]], dim=2)
         # U1 = V1 x + v1: (B, n, out), one batched product per data batch.
         self.first_direction_outputs = []
-        for k, b in enumerate(self.batches):
-            x = b.args[0].expand(first_v.shape[0], *b.args[0].shape)
-            out = self._kept(("U1", k), (*x.shape[:2], first_v.shape[1]), first_v)
-            if first_vb is None:
-                self.first_direction_outputs.append(torch.bmm(x, first_v.transpose(1, 2), out=out))
-            else:
-                self.first_direction_outputs.append(torch.baddbmm(first_vb[:, None, :], x, first_v.transpose(1, 2), out=out))
+        for k, x in enumerate(self.first_inputs):
+            out = self._kept(("U1", k), (first_v.shape[0], x.shape[0], first_v.shape[1]), first_v)
+            x = x.expand(first_v.shape[0], *x.shape)
+            self.first_direction_outputs.append(torch.bmm(x, first_v.transpose(1, 2), out=out))
 
     def _kept(self, key, shape, like) -> torch.Tensor:
         """An uninitialized ``shape`` tensor carved from a buffer kept under ``key`` between calls: a fresh
