@@ -209,13 +209,17 @@ def test_several_cutoffs_in_one_search_match_separate_searches():
         estimate_volume(cost, anchor, cutoff=[1e-2, -1.0], **kw)
 
 
-def test_a_cutoff_most_rays_never_reach_costs_one_probe_after_the_pilot():
+@pytest.mark.parametrize(
+    "measure, status", [({"sigma": 1.0}, "unbounded"), ({"measure": "uniform", "bounds": 3.0}, "clipped")]
+)
+def test_a_cutoff_most_rays_never_reach_costs_one_probe_after_the_pilot(measure, status):
     """A saturating cost (at most 0.5) never reaches the cutoff 1: once the pilot has seen that, every
-    later direction is settled by one probe at the measure's reach instead of a guess and then the reach."""
+    later direction is settled by one probe at the measure's reach (the Gaussian's tail, the box's wall)
+    instead of a guess and then the reach."""
     anchor = torch.zeros(50, dtype=torch.float64)
     cost = lambda th: 0.5 * torch.tanh((th.double() ** 2).sum(1))  # noqa: E731
-    with pytest.warns(RuntimeWarning, match="unbounded"):
-        low, high = estimate_volume(cost, anchor, cutoff=[1e-2, 1.0], n_samples=40, sigma=1.0, seed=1)
-    assert set(low.status) == {"converged"} and set(high.status) == {"unbounded"}
+    with pytest.warns(RuntimeWarning, match=status):
+        low, high = estimate_volume(cost, anchor, cutoff=[1e-2, 1.0], n_samples=40, seed=1, **measure)
+    assert set(low.status) == {"converged"} and set(high.status) == {status}
     later = high.indices >= 8
     assert torch.equal(high.n_evals[later], torch.ones(int(later.sum()), dtype=high.n_evals.dtype))
