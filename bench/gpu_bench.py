@@ -45,36 +45,6 @@ def _timer(device: torch.device):
     return measure
 
 
-class _EvaluationClock:
-    """Sums the wall time of the estimator's evaluation calls (each ends by bringing its costs to the CPU,
-    so the GPU work is inside): the rest of a run is setup, search bookkeeping and waiting on the host."""
-
-    def __init__(self):
-        self.seconds, self.calls = 0.0, 0
-
-    def __enter__(self):
-        import localvol_fast.volume as volume
-
-        self._volume, self._search = volume, volume.search_radii
-
-        def timed_search(evaluate, *args, **kwargs):
-            def timed(rows, radii):
-                started = time.perf_counter()
-                try:
-                    return evaluate(rows, radii)
-                finally:
-                    self.seconds += time.perf_counter() - started
-                    self.calls += 1
-
-            return self._search(timed, *args, **kwargs)
-
-        volume.search_radii = timed_search
-        return self
-
-    def __exit__(self, *exc):
-        self._volume.search_radii = self._search
-
-
 def kernel_figures(device, quick: bool) -> dict:
     """Seconds and effective bandwidth of each op on each backend that runs on ``device``."""
     measure = _timer(device)
@@ -154,7 +124,7 @@ def pythia_figures(device, quick: bool) -> dict:
     with torch.no_grad():
         forward = _timer(device)(lambda: model(**data).logits, repeats=3)
     start = time.perf_counter()
-    with warnings.catch_warnings(), _EvaluationClock() as clock:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = lv.estimate(model, data, n_samples=n, sigma=0.03997834, cutoff=1e-2, progress=False)
     if device.type == "cuda":
@@ -162,9 +132,9 @@ def pythia_figures(device, quick: bool) -> dict:
     seconds = time.perf_counter() - start
     return {
         # How much a device-resident, sync-free search could save at most: the time outside evaluations.
-        "seconds_in_evaluations": clock.seconds,
-        "seconds_outside_evaluations": seconds - clock.seconds,
-        "search_rounds": clock.calls,
+        "seconds_in_evaluations": r.info["seconds_evaluating"],
+        "seconds_outside_evaluations": seconds - r.info["seconds_evaluating"],
+        "search_rounds": r.info["search_rounds"],
         "parameters": dim,
         "tokens": rows * length,
         "bare_forward_seconds": forward,

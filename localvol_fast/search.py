@@ -18,6 +18,7 @@ one the bracket met. No exception is raised for any cost values.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,8 +41,9 @@ _BRACKET_COLLAPSED = 1e-12  # log-width of a bracket that cannot shrink further
 @dataclass
 class SearchOutcome:
     """Per direction (B,): radius, cost at the last probe, status name, evaluations, non-monotone flag,
-    the local log-log slope of C at the radius (NaN where the search did not converge), and every
-    probe made so far as (rows, radii, costs) rounds, to seed a search of another cutoff."""
+    the local log-log slope of C at the radius (NaN where the search did not converge), every probe
+    made so far as (rows, radii, costs) rounds, to seed a search of another cutoff, and the wall time
+    spent inside ``evaluate`` over this search's rounds (the rest is the search's own bookkeeping)."""
 
     radii: torch.Tensor
     deltas: torch.Tensor
@@ -50,6 +52,8 @@ class SearchOutcome:
     nonmonotone: torch.Tensor
     slopes: torch.Tensor
     history: list = field(default_factory=list, repr=False)
+    rounds: int = 0
+    seconds_evaluating: float = 0.0
 
 
 def _local_slope(t1, c1, t2, c2, default: float = _DEFAULT_SLOPE):
@@ -196,9 +200,13 @@ def search_radii(
         inside = (guess > state.lo_t[resumed]) & (guess < state.hi_t[resumed]) & ~torch.isnan(initial[resumed])
         probe[resumed] = torch.where(inside, guess, state.next_probe(resumed))
 
+    rounds, seconds_evaluating = 0, 0.0
     while active.numel():
         t = probe[active]
+        started = time.perf_counter()
         c = torch.as_tensor(evaluate(active, t)).detach().to("cpu", torch.float64).reshape(-1)
+        seconds_evaluating += time.perf_counter() - started  # costs on the CPU: device work included
+        rounds += 1
         if c.numel() != active.numel():
             raise ValueError(f"the cost function returned {c.numel()} values for {active.numel()} parameter vectors")
         n_evals[active] += 1
@@ -209,7 +217,9 @@ def search_radii(
         active = rows
 
     names = [STATUS_NAMES[k] for k in state.status.tolist()]
-    return SearchOutcome(state.radii, state.deltas, names, n_evals, state.nonmonotone, state.slopes, history)
+    return SearchOutcome(
+        state.radii, state.deltas, names, n_evals, state.nonmonotone, state.slopes, history, rounds, seconds_evaluating
+    )
 
 
 def _bracket_estimate(lo_t, lo_c, hi_t, hi_c, hi_known, eps):

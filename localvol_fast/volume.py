@@ -263,6 +263,7 @@ def estimate_volume(
     todo = [i for i in range(n_samples) if i not in done and owns(i, rank, world_size, pilot)]
     bar = ProgressBar(len(todo), enabled=progress and rank == 0)
     new_parts = {t.eps: [] for t in tracks}
+    rounds, seconds_evaluating = 0, 0.0
     for indices in direction_batches(todo, batch_size, pilot):
         batch = DirectionBatch(ops, seed, indices, flat, precond, weights, bounds_vector)
         evaluator.start_batch(batch)
@@ -279,6 +280,7 @@ def estimate_volume(
                 history=history,
             )
             history, previous = outcome.history, outcome.radii
+            rounds, seconds_evaluating = rounds + outcome.rounds, seconds_evaluating + outcome.seconds_evaluating
             evals += float(outcome.n_evals.double().mean())
             records = DirectionRecords.of_search(indices, batch.stats, outcome, measure_obj)
             track.add(records)
@@ -301,6 +303,9 @@ def estimate_volume(
         result = _assemble(records.by_index(), measure_obj, e, log_det_p, seconds)
         result.config.update(seed=seed, rtol=rtol, preconditioned=precond is not None, backend=ops.name)
         result.info["processes"] = world_size
+        # This process's search rounds and the time inside them spent evaluating costs: the rest of
+        # "seconds" is setup and the search's bookkeeping (host side, between device evaluations).
+        result.info.update(search_rounds=rounds, seconds_evaluating=seconds_evaluating)
         if len(eps_list) > 1:
             result.info["cutoffs_searched_together"] = list(eps_list)
         results.append(result)

@@ -223,3 +223,11 @@ def test_a_cutoff_most_rays_never_reach_costs_one_probe_after_the_pilot(measure,
     assert set(low.status) == {"converged"} and set(high.status) == {status}
     later = high.indices >= 8
     assert torch.equal(high.n_evals[later], torch.ones(int(later.sum()), dtype=high.n_evals.dtype))
+
+
+def test_info_splits_the_time_between_evaluations_and_the_search():
+    h, anchor, cost = _ellipsoid(30, seed=2)
+    r = estimate_volume(cost, anchor, cutoff=1e-2, n_samples=12, sigma=1.0, seed=0, batch_size=4)
+    # one evaluation call per round; at least one round per batch (12 directions, pilot of 8, batches of 4)
+    assert r.info["search_rounds"] >= 3 and r.info["search_rounds"] <= int(r.n_evals.sum())
+    assert 0 < r.info["seconds_evaluating"] <= r.info["seconds"]
