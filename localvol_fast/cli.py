@@ -38,24 +38,23 @@ class UsageError(Exception):
 
 
 # ----- argument types ---------------------------------------------------------------------------
-def _positive_float(text: str) -> float:
+def _finite_float(text: str, zero_allowed: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text!r}")
+    if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):
+        wanted = "a finite number >= 0" if zero_allowed else "a finite positive number"
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _finite_float(text, zero_allowed=False)
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+    return _finite_float(text, zero_allowed=True)
 
 
 def _positive_int(text: str) -> int:
