@@ -12,10 +12,11 @@ TORCH_LIBRARY(localvol, m) {
   m.def(
       "direction_stats(int seed, Tensor indices, Tensor anchor, Tensor? precond, Tensor? weights, "
       "Tensor? bounds, int start) -> Tensor");
+  // A mutating op returns nothing: torch 2.11's functionalization (torch.compile, opcheck) rejects a
+  // custom op whose output aliases an input, and the Python wrappers return `out` themselves.
   m.def(
       "perturb_(Tensor(a!) out, Tensor anchor, Tensor? precond, int seed, Tensor indices, Tensor scales, "
-      "int start) -> Tensor(a!)",
-      {at::Tag::inplace});
+      "int start) -> ()");
   m.def("kl_against_anchor(Tensor logits, Tensor anchor_logprobs, Tensor? mask) -> Tensor");
 }
 

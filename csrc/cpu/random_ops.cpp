@@ -799,8 +799,8 @@ void perturb_kernel(at::Tensor& out, RowLayout layout, const at::Tensor& anchor,
   });
 }
 
-at::Tensor& perturb_cpu(at::Tensor& out, const at::Tensor& anchor, const std::optional<at::Tensor>& precond,
-                        int64_t seed, const at::Tensor& indices, const at::Tensor& scales, int64_t start) {
+void perturb_cpu(at::Tensor& out, const at::Tensor& anchor, const std::optional<at::Tensor>& precond,
+                 int64_t seed, const at::Tensor& indices, const at::Tensor& scales, int64_t start) {
   const char* op = "perturb_";
   TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
                    anchor.scalar_type());
@@ -831,7 +831,6 @@ at::Tensor& perturb_cpu(at::Tensor& out, const at::Tensor& anchor, const std::op
       }
     }
   });
-  return out;
 }
 
 }  // namespace

@@ -70,8 +70,8 @@ at::Tensor direction_stats_cuda(int64_t seed, const at::Tensor& indices, const a
   return out;
 }
 
-at::Tensor& perturb_cuda(at::Tensor& out, const at::Tensor& anchor, const std::optional<at::Tensor>& precond,
-                         int64_t seed, const at::Tensor& indices, const at::Tensor& scales, int64_t start) {
+void perturb_cuda(at::Tensor& out, const at::Tensor& anchor, const std::optional<at::Tensor>& precond,
+                  int64_t seed, const at::Tensor& indices, const at::Tensor& scales, int64_t start) {
   const char* op = "perturb_";
   TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
                    anchor.scalar_type());
@@ -100,7 +100,6 @@ at::Tensor& perturb_cuda(at::Tensor& out, const at::Tensor& anchor, const std::o
                                             current_stream());
     });
   });
-  return out;
 }
 
 at::Tensor kl_against_anchor_cuda(const at::Tensor& logits_in, const at::Tensor& anchor_in,

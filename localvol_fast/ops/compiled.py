@@ -150,7 +150,7 @@ if _C is not None:
 
     @torch.library.register_fake("localvol::perturb_")
     def _perturb_fake(out, anchor, precond, seed, indices, scales, start):
-        return out
+        return None
 
     @torch.library.register_fake("localvol::kl_against_anchor")
     def _kl_against_anchor_fake(logits, anchor_logprobs, mask):
