@@ -8,6 +8,7 @@ on every rank the run equals a single-process run with the same seed, whatever t
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -31,7 +32,17 @@ def process_group(distributed: bool) -> tuple[int, int]:
         if use_nccl:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+        # The group we created is ours to close: one left to the interpreter's teardown can abort the
+        # process after the run has finished ("terminate called without an active exception", gloo).
+        atexit.register(_close_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def owns(index: int, rank: int, world_size: int, pilot: int) -> bool:
