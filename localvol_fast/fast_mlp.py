@@ -134,15 +134,15 @@ class SequentialMLPCost(ModelCost):
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         device = self.anchor.device
-        rows_d = rows.to(device)
-        t = radii.to(device, self.anchor.dtype)
+        rows_d = rows.to(device, non_blocking=True)  # no wait for the device before the costs come back
+        t = radii.to(device, self.anchor.dtype, non_blocking=True)
         total = torch.zeros(rows.numel(), dtype=torch.float64, device=device)
         for k, batch in enumerate(self.batches):
             cache = self.cache_of(k)
             for lo in range(0, rows.numel(), self.probe_chunk):
                 sl = slice(lo, lo + self.probe_chunk)
                 if self.mode == "fused-triton":
-                    logits = self._forward_fused(batch.args[0], rows_d[sl], radii[sl])
+                    logits = self._forward_fused(batch.args[0], rows[sl], radii[sl])
                 else:
                     logits = self._forward_factored(k, rows_d[sl], t[sl])
                 values = vmap(lambda out: self.neighborhood.per_probe(out, batch))(logits)
@@ -150,8 +150,8 @@ class SequentialMLPCost(ModelCost):
             self.n_forward += 1
         costs = total / self.total_weight
         if self.l2_reg:  # |theta - theta0| = t along a unit direction
-            costs = costs + 0.5 * self.l2_reg * radii.to(device, torch.float64) ** 2
-        return costs.cpu()
+            costs = costs + 0.5 * self.l2_reg * radii.to(device, torch.float64, non_blocking=True) ** 2
+        return costs
 
     def _forward_factored(self, batch_number: int, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         first = self.first_direction_outputs[batch_number]
@@ -173,11 +173,9 @@ class SequentialMLPCost(ModelCost):
         return h
 
     def _forward_fused(self, x: torch.Tensor, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-        batch = self.batch
-        scales = radii.double().to(x.device) * batch.inverse_norm[rows.cpu()].to(x.device)
-        indices = batch.indices[rows]
+        indices, scales = self.batch.probe_arguments(rows, radii)
+        precond = self.batch.precond
         h = x.unsqueeze(0).expand(rows.numel(), *x.shape)
-        precond = batch.precond
         for layer in self.layers:
             if not isinstance(layer, tuple):
                 h = layer(h)
@@ -187,6 +185,6 @@ class SequentialMLPCost(ModelCost):
             p_w = None if precond is None else precond[w_off : w_off + weight.numel()].reshape(weight.shape)
             p_b = None if precond is None or b_off is None else precond[b_off : b_off + module.out_features]
             h = self.backend.perturbed_linear(
-                h, weight, bias, p_w, p_b, batch.seed, indices, scales, w_off, 0 if b_off is None else b_off
+                h, weight, bias, p_w, p_b, self.batch.seed, indices, scales, w_off, 0 if b_off is None else b_off
             )
         return h

@@ -11,6 +11,8 @@ of directions. One probe runs per forward pass.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .models import ModelCost
@@ -26,52 +28,41 @@ class InPlaceModelCost(ModelCost):
         for p in self.params:
             self.offsets.append(offset)
             offset += p.numel()
-        self._written = None  # the (index, scale) whose probe the parameters hold, None for the anchor
-
-    @torch.no_grad()
-    def restore_weights(self) -> None:
-        super().restore_weights()
-        self._written = None
 
     @torch.no_grad()
     def _write_probe(self, index: torch.Tensor, scale: torch.Tensor) -> None:
-        key = (int(index), float(scale))
-        if self._written == key:
-            return
         batch = self.batch
         for p, start in zip(self.params, self.offsets):
             n = p.numel()
             precond = None if batch.precond is None else batch.precond[start : start + n]
             self.backend.perturb_(p.detach().view(-1), self.anchor[start : start + n], precond, batch.seed, index, scale, start)
-        self._written = key
 
     @torch.no_grad()
-    def _cost_here(self, write=None) -> float:
-        """C at the parameters' current values (``write()`` first puts the probe back when needed)."""
-        total = 0.0
+    def _cost_here(self, write=None) -> torch.Tensor:
+        """C at the parameters' current values, a float64 scalar on the device. ``write()`` puts the probe
+        in before every data batch: recomputing the anchor's outputs restores the anchor, and a model may
+        write into its own weights during a forward pass."""
+        total = torch.zeros((), dtype=torch.float64, device=self.anchor.device)
         for k, data_batch in enumerate(self.batches):
             cache = self.cache_of(k)  # may restore the anchor to recompute its outputs
             if write is not None:
                 write()
             values = self.neighborhood.per_probe(self.forward_plain(data_batch), data_batch).unsqueeze(0)
-            total += float(self.neighborhood.combine(values, cache, self.backend)[0])
+            total += self.neighborhood.combine(values, cache, self.backend)[0]
             self.n_forward += 1
-            self._written = None  # a model may write into its own weights: rewrite before the next batch
         return total / self.total_weight
 
     def anchor_cost(self, anchor: torch.Tensor) -> float:
         self.restore_weights()
-        return self._cost_here()
+        return float(self._cost_here())
 
     def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-        batch = self.batch
+        """Costs (k,) on the device; nothing in here waits for the device."""
         device = self.anchor.device
-        scales = (radii.double() * batch.inverse_norm[rows]).to(device)
-        costs = torch.empty(rows.numel(), dtype=torch.float64)
+        indices, scales = self.batch.probe_arguments(rows, radii)
+        costs = torch.empty(rows.numel(), dtype=torch.float64, device=device)
         for j in range(rows.numel()):
-            index = batch.indices[int(rows[j]) : int(rows[j]) + 1]
-            scale = scales[j : j + 1]
-            costs[j] = self._cost_here(lambda: self._write_probe(index, scale))
+            costs[j] = self._cost_here(functools.partial(self._write_probe, indices[j : j + 1], scales[j : j + 1]))
         if self.l2_reg:  # |theta - theta0| = t along a unit direction
-            costs += 0.5 * self.l2_reg * radii.double() ** 2
+            costs += 0.5 * self.l2_reg * radii.to(device, torch.float64, non_blocking=True) ** 2
         return costs

@@ -202,9 +202,10 @@ class ModelCost(PointCost):
             if cache["log_probs"].device == self.anchor.device:
                 return cache
             return {**cache, "log_probs": cache["log_probs"].to(self.anchor.device, non_blocking=True)}
-        fresh = self.neighborhood.prepare(self.anchor_forward(self.batches[k]), self.batches[k])
+        # Only the log-probabilities: prepare's scalar figures would make the host wait for the device.
+        log_probs = self.neighborhood.anchor_log_probs(self.anchor_forward(self.batches[k]))
         self.n_forward += 1
-        return {**cache, **fresh}
+        return {**cache, "log_probs": log_probs}
 
     def cache_placement(self) -> str:
         """Where the anchor's outputs ended up: "device", "cpu", "device+cpu", "recompute" or "none"."""

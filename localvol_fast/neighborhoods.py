@@ -45,12 +45,18 @@ class KLNeighborhood:
 
     name = "kl"
 
+    @staticmethod
+    def anchor_log_probs(anchor_outputs) -> torch.Tensor:
+        """The cached anchor outputs, (1, positions, vocab) float32 log-probabilities."""
+        logits = output_logits(anchor_outputs).detach()
+        return torch.log_softmax(logits.float(), dim=-1).reshape(1, -1, logits.shape[-1])
+
     def prepare(self, anchor_outputs, batch) -> dict:
         logits = output_logits(anchor_outputs).detach()
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = self.anchor_log_probs(logits)
         mask = _position_mask(logits, batch.mask)
-        n_positions = logits[..., 0].numel() if mask is None else int(mask.sum())
-        vocab = logits.shape[-1]
+        mask = None if mask is None else mask.reshape(1, -1)
+        n_positions = log_probs.shape[1] if mask is None else int(mask.sum())
         # float32 rounding in sum_v p (a - l) is about eps32 * sum_v p |a| per position (summed here).
         magnitude = (log_probs.exp() * log_probs.abs()).sum(-1)
         if mask is not None:
@@ -58,8 +64,8 @@ class KLNeighborhood:
         noise = float(magnitude.sum()) * torch.finfo(torch.float32).eps
         return {
             "noise": noise,
-            "log_probs": log_probs.reshape(1, -1, vocab),
-            "mask": None if mask is None else mask.reshape(1, -1),
+            "log_probs": log_probs,
+            "mask": mask,
             "weight": float(n_positions),
             "elements": log_probs.numel(),
         }

@@ -1,7 +1,8 @@
 """Batched radius search: for every direction of a batch find r with C(theta0 + r w_hat) = eps.
 
 All active directions are probed together, one probe each per round, through one call of
-``evaluate(rows, radii) -> costs``. Each direction keeps a bracket [lo, hi] with C(lo) < eps < C(hi)
+``evaluate(rows, radii) -> costs``; bringing those costs to the host is the round's only wait for a
+GPU (the next probes depend on them, and so does which directions remain). Each direction keeps a bracket [lo, hi] with C(lo) < eps < C(hi)
 (lo = 0 at the anchor, where C = 0) and steps in log-log space, where C ~ t^2 near the anchor:
 
 - no upper end yet: extrapolate up along the local log-log slope (2 until measured);
@@ -204,6 +205,7 @@ def search_radii(
     while active.numel():
         t = probe[active]
         started = time.perf_counter()
+        # The round's one host synchronization: the evaluators leave their costs on the device.
         c = torch.as_tensor(evaluate(active, t)).detach().to("cpu", torch.float64).reshape(-1)
         seconds_evaluating += time.perf_counter() - started  # costs on the CPU: device work included
         rounds += 1

@@ -123,10 +123,18 @@ class DirectionBatch:
     def points(self, rows: torch.Tensor, radii: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """base + r w_hat for the given rows (base: the anchor by default): (k, D) in base's dtype."""
         base = self.anchor if base is None else base
-        scales = (radii.double() * self.inverse_norm[rows]).to(base.device)
+        indices, scales = self.probe_arguments(rows, radii)
         out = torch.empty(rows.numel(), base.numel(), dtype=base.dtype, device=base.device)
-        self.backend.perturb_(out, base, self.precond, self.seed, self.indices[rows.to(base.device)], scales, 0)
+        self.backend.perturb_(out, base, self.precond, self.seed, indices, scales, 0)
         return out
+
+    def probe_arguments(self, rows: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The direction indices and the scales r / |P g| of ``perturb_`` for host ``rows`` and ``radii``,
+        on the anchor's device. The copies do not wait for the device: a search round synchronizes only
+        when its costs come back."""
+        device = self.anchor.device
+        scales = (radii.double() * self.inverse_norm[rows]).to(device, non_blocking=True)
+        return self.indices[rows.to(device, non_blocking=True)], scales
 
     def unit_vectors(self, dtype=torch.float32) -> torch.Tensor:
         """The batch's w_hat as a (B, D) tensor (for evaluators that precompute per-direction work)."""
@@ -159,12 +167,13 @@ class PointCost:
         return self.costs(self.batch.points(rows, radii))
 
     def costs(self, points: torch.Tensor) -> torch.Tensor:
+        """(k,) float64 costs, left on fn's device: the search brings them to the host once per round."""
         out = self.fn(points)
         if not isinstance(out, torch.Tensor):
             out = torch.as_tensor(out)
         if out.numel() != points.shape[0]:
             raise ValueError(f"fn returned shape {tuple(out.shape)} for a batch of {points.shape[0]}; it must return (B,)")
-        return out.detach().reshape(-1).to("cpu", torch.float64)
+        return out.detach().reshape(-1).to(torch.float64)
 
 
 def estimate_volume(

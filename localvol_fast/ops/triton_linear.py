@@ -24,6 +24,7 @@ import torch
 
 from .triton_philox import (
     KERNELS_INTERPRETED,
+    as_indices,
     check_inputs_device,
     float32_to_bfloat16,
     gaussian_element,
@@ -183,15 +184,13 @@ def perturbed_linear(
     weight_start, bias_start = int(weight_start), int(bias_start)
     if weight_start < 0 or bias_start < 0:
         raise ValueError(f"weight_start and bias_start must be non-negative, got {weight_start}, {bias_start}")
-    indices = torch.as_tensor(indices, dtype=torch.int64, device=x.device).reshape(-1).contiguous()
+    indices = as_indices(torch.as_tensor(indices, device=x.device))
     scales = torch.as_tensor(scales, device=x.device).reshape(-1)
     if indices.numel() != batch or scales.numel() != batch:
         raise ValueError(
             f"indices and scales need one entry per direction (x.shape[0] = {batch}), got "
             f"{indices.numel()} and {scales.numel()}"
         )
-    if indices.numel() and int(indices.min()) < 0:
-        raise ValueError(f"direction indices must be non-negative, got {int(indices.min())}")
     if precond_weight is not None and tuple(precond_weight.shape) != (n_out, n_in):
         precond_weight = precond_weight.reshape(n_out, n_in)
     for name, vector in (("bias", bias), ("precond_bias", precond_bias)):

@@ -127,11 +127,13 @@ def key_words(seed: int) -> tuple[int, int]:
 
 
 def as_indices(indices, device=None) -> torch.Tensor:
-    """Direction indices as a contiguous int64 (B,) tensor; raises on negative ones."""
+    """Direction indices as a contiguous int64 (B,) tensor (a list goes to ``device``); raises on negative
+    ones held on the CPU. On a GPU the check would wait for the device, so there (as in the CUDA
+    kernels) a negative index is read as its uint64 bits."""
     if not isinstance(indices, torch.Tensor):
         indices = torch.as_tensor(indices, dtype=torch.int64, device=device)
     indices = indices.to(torch.int64).reshape(-1).contiguous()
-    if indices.numel() and int(indices.min()) < 0:
+    if indices.device.type == "cpu" and indices.numel() and int(indices.min()) < 0:
         raise ValueError(f"direction indices must be non-negative, got {int(indices.min())}")
     return indices
 
