@@ -2,8 +2,9 @@
 
 All active directions are probed together, one probe each per round, through one call of
 ``evaluate(rows, radii) -> costs``; bringing those costs to the host is the round's only wait for a
-GPU (the next probes depend on them, and so does which directions remain). Each direction keeps a bracket [lo, hi] with C(lo) < eps < C(hi)
-(lo = 0 at the anchor, where C = 0) and steps in log-log space, where C ~ t^2 near the anchor:
+GPU (the next probes depend on them, and so does which directions remain). Each direction keeps a
+bracket [lo, hi] with C(lo) < eps < C(hi) (lo = 0 at the anchor, where C = 0) and steps in log-log
+space, where C ~ t^2 near the anchor:
 
 - no upper end yet: extrapolate up along the local log-log slope (2 until measured);
 - no positive lower end yet: extrapolate down from the upper end the same way;
