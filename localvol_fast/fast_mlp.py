@@ -134,8 +134,10 @@ class SequentialMLPCost(ModelCost):
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         device = self.anchor.device
-        rows_d = rows.to(device, non_blocking=True)  # no wait for the device before the costs come back
-        t = radii.to(device, self.anchor.dtype, non_blocking=True)
+        # Host values go over before any work is queued (a copy from pageable memory may wait for it).
+        rows_d = rows.to(device, non_blocking=True)
+        steps = radii.to(device, torch.float64, non_blocking=True)
+        t = steps.to(self.anchor.dtype)
         total = torch.zeros(rows.numel(), dtype=torch.float64, device=device)
         for k, batch in enumerate(self.batches):
             cache = self.cache_of(k)
@@ -150,7 +152,7 @@ class SequentialMLPCost(ModelCost):
             self.n_forward += 1
         costs = total / self.total_weight
         if self.l2_reg:  # |theta - theta0| = t along a unit direction
-            costs = costs + 0.5 * self.l2_reg * radii.to(device, torch.float64, non_blocking=True) ** 2
+            costs = costs + 0.5 * self.l2_reg * steps**2
         return costs
 
     def _forward_factored(self, batch_number: int, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,12 @@ class InPlaceModelCost(ModelCost):
     def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """Costs (k,) on the device; nothing in here waits for the device."""
         device = self.anchor.device
+        # Host values go over before any work is queued (a copy from pageable memory may wait for it).
         indices, scales = self.batch.probe_arguments(rows, radii)
+        steps = radii.to(device, torch.float64, non_blocking=True) if self.l2_reg else None
         costs = torch.empty(rows.numel(), dtype=torch.float64, device=device)
         for j in range(rows.numel()):
             costs[j] = self._cost_here(functools.partial(self._write_probe, indices[j : j + 1], scales[j : j + 1]))
-        if self.l2_reg:  # |theta - theta0| = t along a unit direction
-            costs += 0.5 * self.l2_reg * radii.to(device, torch.float64, non_blocking=True) ** 2
+        if steps is not None:  # |theta - theta0| = t along a unit direction
+            costs += 0.5 * self.l2_reg * steps**2
         return costs

@@ -130,8 +130,8 @@ class DirectionBatch:
 
     def probe_arguments(self, rows: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The direction indices and the scales r / |P g| of ``perturb_`` for host ``rows`` and ``radii``,
-        on the anchor's device. The copies do not wait for the device: a search round synchronizes only
-        when its costs come back."""
+        on the anchor's device. Call it before queuing a round's work: the copies do not synchronize the
+        stream, but one from pageable memory may still wait for work already queued."""
         device = self.anchor.device
         scales = (radii.double() * self.inverse_norm[rows]).to(device, non_blocking=True)
         return self.indices[rows.to(device, non_blocking=True)], scales
