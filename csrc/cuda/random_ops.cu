@@ -47,27 +47,31 @@ __device__ __forceinline__ BlockSpan block_span(int64_t block, int64_t start, in
   return s;
 }
 
-__global__ void philox_bits_kernel(uint64_t seed, const int64_t* __restrict__ index, int64_t rows, int64_t start,
-                                   int64_t length, int64_t first_block, int64_t blocks, int64_t* __restrict__ out) {
-  const int64_t work = rows * blocks;
-  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < work;
-       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = k / blocks, block = first_block + k % blocks;
-    const PhiloxWords w = philox_block(seed, static_cast<uint64_t>(index[row]), static_cast<uint64_t>(block));
-    const BlockSpan s = block_span(block, start, length);
-    for (int lane = s.lo; lane < s.hi; ++lane) out[row * length + s.offset + lane] = w.x[lane];
-  }
+// One Philox block's four values as the output type: the uint32 words (held in int64) or the Gaussians.
+__device__ __forceinline__ void block_values(uint64_t seed, uint64_t index, uint64_t block, int64_t (&v)[4]) {
+  const PhiloxWords w = philox_block(seed, index, block);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = w.x[i];
 }
 
-__global__ void gaussian_kernel(uint64_t seed, const int64_t* __restrict__ index, int64_t rows, int64_t start,
-                                int64_t length, int64_t first_block, int64_t blocks, float* __restrict__ out) {
+__device__ __forceinline__ void block_values(uint64_t seed, uint64_t index, uint64_t block, float (&v)[4]) {
+  const GaussianBlock z = gaussian_block(seed, index, block);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = z.z[i];
+}
+
+// philox_bits (out_t int64_t) and gaussian (out_t float): out[row, j] = value j - start of direction index[row].
+template <typename out_t>
+__global__ void stream_kernel(uint64_t seed, const int64_t* __restrict__ index, int64_t rows, int64_t start,
+                              int64_t length, int64_t first_block, int64_t blocks, out_t* __restrict__ out) {
   const int64_t work = rows * blocks;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < work;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = k / blocks, block = first_block + k % blocks;
-    const GaussianBlock z = gaussian_block(seed, static_cast<uint64_t>(index[row]), static_cast<uint64_t>(block));
+    out_t v[4];
+    block_values(seed, static_cast<uint64_t>(index[row]), static_cast<uint64_t>(block), v);
     const BlockSpan s = block_span(block, start, length);
-    for (int lane = s.lo; lane < s.hi; ++lane) out[row * length + s.offset + lane] = z.z[lane];
+    for (int lane = s.lo; lane < s.hi; ++lane) out[row * length + s.offset + lane] = v[lane];
   }
 }
 
@@ -193,26 +197,28 @@ BlockRange block_range(int64_t start, int64_t length) {
   return {first, length == 0 ? 0 : (start + length + 3) / 4 - first};
 }
 
+template <typename out_t>
+void launch_stream(uint64_t seed, const int64_t* index, int64_t rows, int64_t start, int64_t length, out_t* out,
+                   cudaStream_t stream) {
+  const BlockRange range = block_range(start, length);
+  if (rows == 0 || range.count == 0) return;
+  stream_kernel<out_t><<<grid_for(rows * range.count), kThreads, 0, stream>>>(seed, index, rows, start, length,
+                                                                             range.first, range.count, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 namespace cuda {
 
 void launch_philox_bits(uint64_t seed, const int64_t* index, int64_t rows, int64_t start, int64_t length,
                         int64_t* out, cudaStream_t stream) {
-  const BlockRange range = block_range(start, length);
-  if (rows == 0 || range.count == 0) return;
-  philox_bits_kernel<<<grid_for(rows * range.count), kThreads, 0, stream>>>(seed, index, rows, start, length,
-                                                                            range.first, range.count, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_stream(seed, index, rows, start, length, out, stream);
 }
 
 void launch_gaussian(uint64_t seed, const int64_t* index, int64_t rows, int64_t start, int64_t length, float* out,
                      cudaStream_t stream) {
-  const BlockRange range = block_range(start, length);
-  if (rows == 0 || range.count == 0) return;
-  gaussian_kernel<<<grid_for(rows * range.count), kThreads, 0, stream>>>(seed, index, rows, start, length,
-                                                                         range.first, range.count, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_stream(seed, index, rows, start, length, out, stream);
 }
 
 template <typename out_t, typename param_t>
