@@ -158,6 +158,21 @@ def pythia_figures(device, quick: bool) -> dict:
         "goal_seconds_per_direction": 0.05,
         "peak_gpu_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
+    # For the planners, not a default: the same runs with TF32 matmuls (10-bit mantissas), and how far
+    # that moves the estimates.
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32_first, _ = timed_estimate(n)
+        tf32_seconds, r_tf32 = timed_estimate(n + more)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    figures["tf32"] = {
+        f"seconds_per_direction_after_the_first_{n}": (tf32_seconds - tf32_first) / more,
+        "evals_per_direction": r_tf32.evals_per_direction,
+        "log_volume_minus_float32": r_tf32.log_volume - r.log_volume,
+        "max_abs_estimate_difference_nats": float((r_tf32.estimates - r.estimates).abs().max()),
+    }
     # The reference algorithm (one direction at a time, doubling and bisection, the anchor's forward pass
     # in every evaluation) on the same model and data: the issue quotes about 1.4 s per direction.
     base = baseline_estimate(model, data, cutoff=1e-2, n_samples=2, sigma=0.03997834, seed=0, rtol=1e-2)

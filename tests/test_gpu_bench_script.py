@@ -43,6 +43,7 @@ def test_gpu_bench_runs_every_section_on_the_cpu(tmp_path):
     assert pythia["status"] == {"converged": pythia["directions"]}
     assert pythia["seconds_per_direction"] > 0 and pythia["baseline_seconds_per_direction"] > 0
     assert pythia["baseline_evals_per_direction"] > pythia["evals_per_direction"]
+    assert pythia["tf32"]["max_abs_estimate_difference_nats"] == 0.0  # the CPU has no TF32: the same run
     for backend, figures in report["digits"].items():
         if backend != "section_seconds":
             assert figures["evals_per_direction"] > 0, backend
