@@ -25,6 +25,17 @@ def digits_poisoned():
     return train_digits(300, seed=0, poison_fraction=0.4)
 
 
+class Wrapped(torch.nn.Module):
+    """A plain MLP behind a wrapper, so that it takes the generic paths, not the factored plain-MLP one."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def tiny_gpt_neox(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPTNeoXConfig(

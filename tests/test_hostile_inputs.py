@@ -27,7 +27,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt_neox, token_batch
+from conftest import Wrapped, tiny_gpt_neox, token_batch
 
 import localvol_fast as lv
 from localvol_fast.models import estimate
@@ -49,17 +49,6 @@ def tiny_mlp(seed: int = 0) -> torch.nn.Sequential:
 
 
 D_MLP = 4 * 8 + 8 + 8 * 3 + 3  # 67
-
-
-class Wrapped(torch.nn.Module):
-    """A plain MLP behind a wrapper, so that it takes the generic paths, not the factored one."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
 
 
 # (path id, wrap the MLP?, evaluation=, the result's info["evaluation"])
@@ -646,23 +635,14 @@ WRONG_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("option, extra", [("sigma", {}), ("bounds", {"measure": "uniform"})])
 @pytest.mark.parametrize("make, count", WRONG_SHAPES, ids=["short", "long", "2xD", "empty"])
 @pytest.mark.parametrize("path", PATH_IDS)
-def test_sigma_of_the_wrong_shape_is_a_clear_error(path, make, count):
+def test_sigma_or_bounds_of_the_wrong_shape_is_a_clear_error(path, make, count, option, extra):
     model, evaluation, _ = mlp_on_path(path)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=rf"sigma has {count} values but there are {D_MLP} parameters"):
-        estimate(model, inputs(), n_samples=2, sigma=make(), evaluation=evaluation, **QUIET)
-    assert_restored(model, snap)
-
-
-@pytest.mark.parametrize("make, count", WRONG_SHAPES, ids=["short", "long", "2xD", "empty"])
-@pytest.mark.parametrize("path", PATH_IDS)
-def test_bounds_of_the_wrong_shape_are_a_clear_error(path, make, count):
-    model, evaluation, _ = mlp_on_path(path)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=rf"bounds has {count} values but there are {D_MLP} parameters"):
-        estimate(model, inputs(), n_samples=2, measure="uniform", bounds=make(), evaluation=evaluation, **QUIET)
+    with pytest.raises(ValueError, match=rf"{option} has {count} values but there are {D_MLP} parameters"):
+        estimate(model, inputs(), n_samples=2, evaluation=evaluation, **{option: make()}, **extra, **QUIET)
     assert_restored(model, snap)
 
 

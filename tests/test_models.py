@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_gpt_neox, token_batch
+from conftest import Wrapped, tiny_gpt2, tiny_gpt_neox, token_batch
 
 from localvol_fast.digits import PRIOR_SIGMA
 from localvol_fast.models import estimate
@@ -45,24 +45,13 @@ def test_poisoned_network_has_smaller_volume(digits_clean, digits_poisoned):
     assert poisoned.log_volume_interval[1] < clean.log_volume_interval[0]
 
 
-class _Wrapped(torch.nn.Module):
-    """The digits MLP behind a wrapper, so that it takes the generic (vmap) path, not the plain-MLP one."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 def test_mlp_vmap_and_sequential_paths_agree(digits_clean):
     run = digits_clean
     kw = dict(cutoff=1e-2, n_samples=6, sigma=PRIOR_SIGMA, **QUIET)
     fast = estimate(run.model, run.x_test, **kw)
-    generic = estimate(_Wrapped(run.model), run.x_test, evaluation="vmap", **kw)
+    generic = estimate(Wrapped(run.model), run.x_test, evaluation="vmap", **kw)
     slow = estimate(run.model, run.x_test, use_vmap=False, **kw)
-    in_place = estimate(_Wrapped(run.model), run.x_test, **kw)  # the CPU default for a generic model
+    in_place = estimate(Wrapped(run.model), run.x_test, **kw)  # the CPU default for a generic model
     modes = [r.info["evaluation"] for r in (fast, generic, slow, in_place)]
     assert modes == ["mlp", "vmap", "sequential", "inplace"]
     for other in (generic, slow, in_place):
@@ -75,8 +64,8 @@ def test_mlp_path_handles_losses_subsets_and_l2(digits_clean):
     ce = torch.nn.functional.cross_entropy
     kw = dict(cutoff=1e-2, n_samples=4, sigma=PRIOR_SIGMA, neighborhood="loss", loss_fn=ce, l2_reg=1e-3, **QUIET)
     fast = estimate(run.model, (run.x_test, run.y_test), **kw)
-    generic = estimate(_Wrapped(run.model), (run.x_test, run.y_test), evaluation="vmap", **kw)
-    in_place = estimate(_Wrapped(run.model), (run.x_test, run.y_test), evaluation="inplace", **kw)
+    generic = estimate(Wrapped(run.model), (run.x_test, run.y_test), evaluation="vmap", **kw)
+    in_place = estimate(Wrapped(run.model), (run.x_test, run.y_test), evaluation="inplace", **kw)
     assert [r.info["evaluation"] for r in (fast, generic, in_place)] == ["mlp", "vmap", "inplace"]
     torch.testing.assert_close(fast.radii, generic.radii, rtol=1e-4, atol=0)
     torch.testing.assert_close(fast.radii, in_place.radii, rtol=1e-4, atol=0)
@@ -257,7 +246,7 @@ def test_data_on_another_device_is_moved_with_a_note(digits_clean):
 
 @pytest.mark.parametrize("evaluation", ["inplace", "vmap", "sequential"])
 def test_weights_restored_when_a_run_in_place_fails_midway(digits_clean, evaluation):
-    model = _Wrapped(digits_clean.model)
+    model = Wrapped(digits_clean.model)
     snap = _snapshot(model)
     calls = {"n": 0}
 
