@@ -138,13 +138,15 @@ class SequentialMLPCost(ModelCost):
         rows_d = rows.to(device, non_blocking=True)
         steps = radii.to(device, torch.float64, non_blocking=True)
         t = steps.to(self.anchor.dtype)
+        if self.mode == "fused-triton":
+            indices, scales = self.batch.probe_arguments(rows, radii)
         total = torch.zeros(rows.numel(), dtype=torch.float64, device=device)
         for k, batch in enumerate(self.batches):
             cache = self.cache_of(k)
             for lo in range(0, rows.numel(), self.probe_chunk):
                 sl = slice(lo, lo + self.probe_chunk)
                 if self.mode == "fused-triton":
-                    logits = self._forward_fused(batch.args[0], rows[sl], radii[sl])
+                    logits = self._forward_fused(batch.args[0], indices[sl], scales[sl])
                 else:
                     logits = self._forward_factored(k, rows_d[sl], t[sl])
                 values = vmap(lambda out: self.neighborhood.per_probe(out, batch))(logits)
@@ -174,16 +176,16 @@ class SequentialMLPCost(ModelCost):
                 h = torch.baddbmm(torch.addcmul(bias, t[:, None], vb[rows])[:, None, :], h, probe_weight)
         return h
 
-    def _forward_fused(self, x: torch.Tensor, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-        indices, scales = self.batch.probe_arguments(rows, radii)
+    def _forward_fused(self, x: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         precond = self.batch.precond
-        h = x.unsqueeze(0).expand(rows.numel(), *x.shape)
+        h = x.unsqueeze(0).expand(indices.numel(), *x.shape)
+        anchor_weights = iter(self.weights)
         for layer in self.layers:
             if not isinstance(layer, tuple):
                 h = layer(h)
                 continue
             module, w_off, b_off = layer
-            weight, bias = self._anchor_slices(layer)
+            weight, bias = next(anchor_weights)
             p_w = None if precond is None else precond[w_off : w_off + weight.numel()].reshape(weight.shape)
             p_b = None if precond is None or b_off is None else precond[b_off : b_off + module.out_features]
             h = self.backend.perturbed_linear(
