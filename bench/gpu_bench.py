@@ -137,9 +137,13 @@ def pythia_figures(device, quick: bool) -> dict:
     # The steady state: the directions after the first n (the pilot, the anchor's set-up, first-call
     # costs) cost the difference of a run of n and a run of n + more on the same directions.
     more = 4 if quick else 48
-    first_seconds, _ = timed_estimate(n)
-    seconds, r = timed_estimate(n + more)
-    steady = (seconds - first_seconds) / more
+
+    def steady_state():
+        first_seconds, _ = timed_estimate(n)
+        seconds, result = timed_estimate(n + more)
+        return seconds, result, (seconds - first_seconds) / more
+
+    seconds, r, steady = steady_state()
     figures = {
         # How much a device-resident, sync-free search could save at most: the time outside evaluations.
         "seconds_in_evaluations": r.info["seconds_evaluating"],
@@ -163,12 +167,11 @@ def pythia_figures(device, quick: bool) -> dict:
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        tf32_first, _ = timed_estimate(n)
-        tf32_seconds, r_tf32 = timed_estimate(n + more)
+        _, r_tf32, tf32_steady = steady_state()
     finally:
         torch.set_float32_matmul_precision(precision)
     figures["tf32"] = {
-        f"seconds_per_direction_after_the_first_{n}": (tf32_seconds - tf32_first) / more,
+        f"seconds_per_direction_after_the_first_{n}": tf32_steady,
         "evals_per_direction": r_tf32.evals_per_direction,
         "log_volume_minus_float32": r_tf32.log_volume - r.log_volume,
         "max_abs_estimate_difference_nats": float((r_tf32.estimates - r.estimates).abs().max()),
