@@ -135,11 +135,11 @@ class SequentialMLPCost(ModelCost):
     def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         device = self.anchor.device
         # Host values go over before any work is queued (a copy from pageable memory may wait for it).
-        rows_d = rows.to(device, non_blocking=True)
         steps = radii.to(device, torch.float64, non_blocking=True)
-        t = steps.to(self.anchor.dtype)
         if self.mode == "fused-triton":
             indices, scales = self.batch.probe_arguments(rows, radii)
+        else:
+            rows_d, t = rows.to(device, non_blocking=True), steps.to(self.anchor.dtype)
         total = torch.zeros(rows.numel(), dtype=torch.float64, device=device)
         for k, batch in enumerate(self.batches):
             cache = self.cache_of(k)
