@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from localvol_fast.radial import log_radial_integral
+from localvol_fast.core.radial import log_radial_integral
 
 SIZE = 1_000_000
 

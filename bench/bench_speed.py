@@ -15,7 +15,7 @@ import torch
 from compare import bench_models
 
 import localvol_fast as lv
-from localvol_fast.baseline import baseline_estimate
+from localvol_fast.apps.baseline import baseline_estimate
 
 DIRECTIONS = {"digits_mlp": 32, "large_mlp": 8, "tiny_lm": 3}
 THREADS = 1  # as compare.py: on this shared 2-core machine 2 threads stall behind a busy neighbour

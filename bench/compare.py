@@ -4,7 +4,7 @@
 
 For each benchmark model (``bench/models.py``) it measures, on the same directions (same seed):
 a bare forward pass of the model on its data (median of repeats); the baseline
-(``localvol_fast.baseline``: tyche's search, one direction at a time, anchor recomputed each call);
+(``localvol_fast.apps.baseline``: tyche's search, one direction at a time, anchor recomputed each call);
 the same search with the anchor cached and without tyche's extra calls ("baseline-lean");
 ``localvol_fast.estimate`` with ``backend="reference"`` and with the default backend; and, when
 ``estimate`` accepts a list of cutoffs, a 5-cutoff scan against the single cutoff. It writes
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import localvol_fast as lv
-from localvol_fast.baseline import baseline_estimate
+from localvol_fast.apps.baseline import baseline_estimate
 
 REPO = Path(__file__).resolve().parent.parent
 MULTI_CUTOFFS = [1e-6, 1e-4, 1e-2, 1.0, 1e2]
@@ -370,7 +370,7 @@ def markdown(report: dict) -> str:
     setting = (
         f"Cutoff eps = {report['cutoff']:g} nats, rtol = {report['rtol']:g}, Gaussian measure, isotropic directions, "
         "the same directions (seed 0) for every method. baseline = tyche's search re-implemented "
-        "(`localvol_fast/baseline.py`: one direction at a time, doubling + bisection, anchor forward in every "
+        "(`localvol_fast/apps/baseline.py`: one direction at a time, doubling + bisection, anchor forward in every "
         "evaluation, centre evaluation and repeated first probe); baseline-lean = the same search with the "
         "anchor cached and without those two extra calls."
     )

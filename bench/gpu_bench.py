@@ -19,7 +19,7 @@ import warnings
 import torch
 
 import localvol_fast as lv
-from localvol_fast.baseline import baseline_estimate
+from localvol_fast.apps.baseline import baseline_estimate
 from localvol_fast.ops import available_backends, get_backend
 
 
@@ -83,7 +83,7 @@ def kernel_figures(device, quick: bool) -> dict:
 
 
 def digits_figures(device, quick: bool) -> dict:
-    from localvol_fast.digits import PRIOR_SIGMA, train_digits
+    from localvol_fast.apps.digits import PRIOR_SIGMA, train_digits
 
     run = train_digits(100 if quick else 500, device=device)
     n = 16 if quick else 128

@@ -75,7 +75,7 @@ def bare_forward_seconds(bench_model: BenchModel, repeats: int = 7, warmup: int 
 
 @functools.cache
 def digits_mlp() -> BenchModel:
-    from localvol_fast.digits import PRIOR_SIGMA, train_digits
+    from localvol_fast.apps.digits import PRIOR_SIGMA, train_digits
 
     run = train_digits(500)
     return BenchModel(
@@ -124,7 +124,7 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def large_mlp(steps: int = 150) -> BenchModel:
-    from localvol_fast.digits import L2, PRIOR_SIGMA, load_digits_split
+    from localvol_fast.apps.digits import L2, PRIOR_SIGMA, load_digits_split
 
     x_train, y_train, x_test, y_test = load_digits_split(0)
     x_train, x_test = _upsample(x_train), _upsample(x_test)

@@ -5,15 +5,17 @@ that behave like them (Scherlis & Belrose, "Estimating the Probability of Sampli
 Network at Random"); its negative log is the network's information content, in nats.
 """
 
-from .measures import GaussianMeasure, UniformMeasure, make_measure
-from .models import estimate, select_parameters
-from .ops import available_backends
-from .philox import gaussian_directions
-from .preconditioners import adam_preconditioner, normalize_preconditioner
-from .radial import log_ball_volume, log_radial_integral, log_sphere_area
-from .result import VolumeResult, log_mean_exp
-from .search import STATUS_NAMES, search_radii
-from .volume import estimate_volume
+from localvol_fast.core.measures import GaussianMeasure, UniformMeasure, make_measure
+from localvol_fast.core.philox import gaussian_directions
+from localvol_fast.core.preconditioners import normalize_preconditioner
+from localvol_fast.core.radial import log_ball_volume, log_radial_integral, log_sphere_area
+from localvol_fast.core.result import VolumeResult, log_mean_exp
+from localvol_fast.core.search import STATUS_NAMES, search_radii
+from localvol_fast.engine.estimator import estimate_volume
+from localvol_fast.nn.estimator import estimate
+from localvol_fast.nn.parameters import select_parameters
+from localvol_fast.nn.preconditioners import adam_preconditioner
+from localvol_fast.ops import available_backends
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from localvol_fast.apps.cli import main
 
 sys.exit(main())

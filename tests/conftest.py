@@ -13,14 +13,14 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def digits_clean():
-    from localvol_fast.digits import train_digits
+    from localvol_fast.apps.digits import train_digits
 
     return train_digits(300, seed=0)
 
 
 @pytest.fixture(scope="session")
 def digits_poisoned():
-    from localvol_fast.digits import train_digits
+    from localvol_fast.apps.digits import train_digits
 
     return train_digits(300, seed=0, poison_fraction=0.4)
 

@@ -2,7 +2,7 @@
 
 - ``reference``: pure PyTorch (``reference.py``), on any device; the ground truth.
 - ``cpu`` / ``cuda``: the compiled C++ / CUDA C++ kernels of ``csrc/`` (``compiled.py``).
-- ``triton``: the Triton kernels (``triton_*.py``), on CUDA tensors, or on CPU tensors under
+- ``triton``: the Triton kernels (``triton/``), on CUDA tensors, or on CPU tensors under
   ``TRITON_INTERPRET=1`` (slow; for tests).
 
 ``get_backend("auto", device)`` picks the fastest one available for the device: the compiled kernels
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from localvol_fast.ops import reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -39,18 +39,17 @@ def _reference() -> Backend:
 
 
 def _compiled(name: str) -> Backend:
-    from . import compiled as c
+    from localvol_fast.ops import compiled as c
 
     return Backend(name, c.gaussian, c.direction_stats, c.perturb_, c.kl_against_anchor)
 
 
 def _triton() -> Backend:
-    from . import triton_directions as d
-    from . import triton_kl, triton_linear, triton_philox
+    from localvol_fast.ops.triton import directions, kl, linear, stream
 
     return Backend(
-        "triton", triton_philox.gaussian, d.direction_stats, d.perturb_, triton_kl.kl_against_anchor,
-        triton_linear.perturbed_linear,
+        "triton", stream.gaussian, directions.direction_stats, directions.perturb_, kl.kl_against_anchor,
+        linear.perturbed_linear,
     )
 
 
@@ -63,17 +62,17 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
             return f"backend {name!r} runs on {name} tensors, but the anchor is on {device}"
         if name == "cuda" and not torch.cuda.is_available():
             return "backend 'cuda' needs a CUDA device, and torch sees none"
-        from . import compiled
+        from localvol_fast.ops import compiled
 
         if not compiled.is_available(name):
             return f"the compiled {name} kernels are not built; {compiled.BUILD_HINT}"
         return None
     if name == "triton":
-        from . import triton_philox
+        from localvol_fast.ops.triton import common
 
-        if not triton_philox.is_available():
+        if not common.is_available():
             return "Triton is not usable here: it needs `pip install triton` and a CUDA device (or TRITON_INTERPRET=1)"
-        if device.type == "cpu" and not triton_philox._env_interpret():
+        if device.type == "cpu" and not common.interpreter_requested():
             return "the Triton kernels run on CPU tensors only in the interpreter (TRITON_INTERPRET=1)"
         if device.type not in ("cpu", "cuda"):
             return f"the Triton kernels do not run on {device}"

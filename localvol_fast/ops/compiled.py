@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from localvol_fast.core.checks import check_seed
+
 BUILD_HINT = (
     "build it from the repository root with `pip install --no-build-isolation -e .` "
     "(set CUDA_HOME for the CUDA kernels; see csrc/README.md)"
@@ -21,7 +23,7 @@ OPS = ("philox_bits", "gaussian", "direction_stats", "perturb_", "kl_against_anc
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 try:
-    from .. import _C  # noqa: F401  (the import registers torch.ops.localvol.*)
+    from localvol_fast import _C  # noqa: F401  (the import registers torch.ops.localvol.*)
 
     _LOAD_ERROR: Exception | None = None
 except ImportError as error:  # not built, or built against another torch
@@ -56,9 +58,7 @@ def _ops():
 
 def _signed_seed(seed: int) -> int:
     """A seed in [0, 2^64) as the int64 with the same bits (the schema's ``int``)."""
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    seed = check_seed(seed)
     return seed - 2**64 if seed >= 2**63 else seed
 
 

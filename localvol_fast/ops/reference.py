@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..philox import gaussian_directions, philox_bits as _philox_bits
+from localvol_fast.core.philox import gaussian_directions, philox_bits as _philox_bits
 
 
 def philox_bits(seed: int, indices: torch.Tensor, start: int, length: int) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""Costs of large models: each probe is written into the model's own parameters, never stored apart.
+
+For a probe theta0 + t w_hat the backend's ``perturb_`` kernel writes anchor + (t / |P g|) P g(seed, i)
+into every perturbed parameter, regenerating the direction from (seed, index) on the fly. The values
+are *written* from the kept anchor copy (not added and subtracted), so nothing drifts however many
+probes run, and ``restore_weights`` puts the anchor back exactly. Memory stays at the model, one anchor
+copy (in the parameters' own dtype), the activations of one forward pass and the anchor's cached
+outputs (on the device, on the CPU, or recomputed: ``anchor_cache``); it does not grow with the number
+of directions. One probe runs per forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from localvol_fast.nn.costs.base import ModelCost
+
+
+class InPlaceModelCost(ModelCost):
+    """``ModelCost`` that writes probes into the model (module docstring); ``mode`` is "inplace"."""
+
+    mode = "inplace"
+
+    @torch.no_grad()
+    def _write_probe(self, index: torch.Tensor, scale: torch.Tensor) -> None:
+        batch = self.batch
+        for p, start, stop in self.layout.spans():
+            precond = None if batch.precond is None else batch.precond[start:stop]
+            self.backend.perturb_(p.detach().view(-1), self.anchor[start:stop], precond, batch.seed, index, scale, start)
+
+    @torch.no_grad()
+    def _cost_here(self, write=None) -> torch.Tensor:
+        """C at the parameters' current values, a float64 scalar on the device. ``write()`` puts the probe
+        in before every data batch: recomputing the anchor's outputs restores the anchor, and a model may
+        write into its own weights during a forward pass."""
+        total = torch.zeros((), dtype=torch.float64, device=self.anchor.device)
+        for k, data_batch in enumerate(self.batches):
+            cache = self.cache_of(k)  # may restore the anchor to recompute its outputs
+            if write is not None:
+                write()
+            values = self.neighborhood.per_probe(self.forward_plain(data_batch), data_batch).unsqueeze(0)
+            total += self.neighborhood.combine(values, cache, self.backend)[0]
+            self.probe_forwards += 1
+        return total / self.total_weight
+
+    def anchor_cost(self, anchor: torch.Tensor) -> float:
+        self.restore_weights()
+        return float(self._cost_here())
+
+    def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+        """Costs (k,) on the device; nothing in here waits for the device."""
+        device = self.anchor.device
+        # Host values go over before any work is queued (a copy from pageable memory may wait for it).
+        indices, scales = self.batch.probe_arguments(rows, radii)
+        steps = radii.to(device, torch.float64, non_blocking=True) if self.l2_reg else None
+        costs = torch.empty(rows.numel(), dtype=torch.float64, device=device)
+        for j in range(rows.numel()):
+            costs[j] = self._cost_here(functools.partial(self._write_probe, indices[j : j + 1], scales[j : j + 1]))
+        return self.with_l2_along_rays(costs, steps)

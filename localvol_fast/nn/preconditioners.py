@@ -1,0 +1,155 @@
+"""The preconditioners ``estimate`` builds from a model: Adam's moments (from an optimizer or its
+``state_dict``), the diagonal Fisher, or a user's (D,) tensor (MATH.md, "Importance-sampled directions")."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from localvol_fast.core.preconditioners import inverse_power_preconditioner, normalize_preconditioner
+from localvol_fast.nn.fisher import fisher_diagonal
+
+PRECONDITIONER_NAMES = ("adam", "fisher")
+
+
+def _moments_from_state(state: Mapping, key: str, where: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(
+            f"the optimizer state of {where} has no {key!r}; take the optimizer after at least one step "
+            f"(found keys {sorted(state)})"
+        )
+    return state[key].detach().reshape(-1)
+
+
+def _adam_moments(source, params, key: str) -> torch.Tensor:
+    """The flat (D,) moment ``key`` of an Adam/AdamW instance or state_dict, in parameter order."""
+    if isinstance(source, torch.optim.Optimizer):
+        if params is None:
+            params = [p for group in source.param_groups for p in group["params"]]
+        pieces = []
+        for k, p in enumerate(params):
+            state = source.state.get(p)
+            if not state:
+                raise ValueError(
+                    f"the optimizer has no state for parameter {k} (shape {tuple(p.shape)}): it does not "
+                    "optimize these parameters or has not taken a step yet"
+                )
+            moments = _moments_from_state(state, key, f"parameter {k}")
+            if state[key].shape != p.shape:
+                raise ValueError(
+                    f"the optimizer's {key} for parameter {k} has shape {tuple(state[key].shape)} but the parameter has "
+                    f"{tuple(p.shape)}: the optimizer belongs to other parameters"
+                )
+            pieces.append(moments)
+        return torch.cat(pieces)
+    if isinstance(source, Mapping) and "state" in source and "param_groups" in source:
+        ids = [i for group in source["param_groups"] for i in group["params"]]
+        pieces = []
+        for i in ids:
+            if i not in source["state"]:
+                raise ValueError(f"the optimizer state_dict has no state for parameter id {i}; take it after a step")
+            pieces.append(_moments_from_state(source["state"][i], key, f"parameter id {i}"))
+        flat = torch.cat(pieces)
+        if params is not None:
+            expected = sum(p.numel() for p in params)
+            if flat.numel() != expected:
+                raise ValueError(
+                    f"the optimizer state_dict holds {flat.numel()} values but the parameters have {expected}; "
+                    "it belongs to other parameters"
+                )
+        return flat
+    raise TypeError(
+        "source must be a torch.optim.Adam/AdamW instance, its state_dict(), or a tensor of second moments; "
+        f"got {type(source).__name__}"
+    )
+
+
+def adam_preconditioner(
+    source,
+    params: Sequence[torch.Tensor] | None = None,
+    exponent: float = 0.5,
+    eps: float = 1e-5,
+    moment: int = 2,
+) -> torch.Tensor:
+    """The paper's Adam preconditioner p_i = 1 / (v_i^exponent + eps), normalized to det P = 1.
+
+    source: a ``torch.optim.Adam``/``AdamW`` (state taken for ``params``, default all its parameters
+    in group order), its ``state_dict()``, or a tensor of moments v (any shape, flattened).
+    moment: 2 uses the second moment ``exp_avg_sq`` (the paper's choice), 1 uses |exp_avg|.
+    Returns a (D,) tensor.
+    """
+    if moment not in (1, 2):
+        raise ValueError(f"moment must be 1 (exp_avg) or 2 (exp_avg_sq), got {moment!r}")
+    if isinstance(source, torch.Tensor):
+        v = source.detach().reshape(-1)
+    else:
+        v = _adam_moments(source, params, "exp_avg_sq" if moment == 2 else "exp_avg")
+    dtype = torch.float32 if v.dtype == torch.float32 else torch.float64
+    # Normalized in float64 (raw values may not fit float32), then kept in the moments' precision.
+    p = inverse_power_preconditioner(v, exponent=exponent, eps=eps, name="adam preconditioner", source="optimizer moments")
+    return p.to(dtype)
+
+
+def selected_optimizer_state(optimizer, model, named_params):
+    """An Adam state_dict restricted to the selected parameters, checked against their shapes."""
+    all_params = list(model.parameters())
+    position = {id(p): k for k, p in enumerate(all_params)}
+    ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+    if len(ids) != len(all_params):
+        raise ValueError(
+            f"the optimizer state_dict covers {len(ids)} parameters but the model has {len(all_params)}; "
+            "pass the optimizer (or state_dict) created for this model's parameters"
+        )
+    state, chosen = {}, []
+    for name, p in named_params:
+        sid = ids[position[id(p)]]
+        entry = optimizer["state"].get(sid)
+        if entry is None or "exp_avg_sq" not in entry:
+            raise ValueError(f"the optimizer state has no moments for parameter {name!r}; take it after a step")
+        if tuple(entry["exp_avg_sq"].shape) != tuple(p.shape):
+            raise ValueError(
+                f"the optimizer state for {name!r} has shape {tuple(entry['exp_avg_sq'].shape)} but the parameter "
+                f"has {tuple(p.shape)}: the optimizer belongs to other parameters"
+            )
+        state[sid] = entry
+        chosen.append(sid)
+    return {"state": state, "param_groups": [{"params": chosen}]}
+
+
+def resolve_preconditioner(preconditioner, optimizer, model, layout, forward, batches, *, exponent, eps, passes, seed):
+    """The (D,) preconditioner tensor (or None) for ``estimate``, and what it cost."""
+    if preconditioner is None:
+        if optimizer is not None:
+            raise ValueError("optimizer= is used by preconditioner='adam'; pass preconditioner='adam' or drop it")
+        return None, {"name": "isotropic"}
+    params, named_params = layout.params, list(zip(layout.names, layout.params))
+    dim = layout.dim
+    if isinstance(preconditioner, torch.Tensor):
+        if preconditioner.numel() != dim:
+            raise ValueError(f"preconditioner has {preconditioner.numel()} values but D = {dim}")
+        return normalize_preconditioner(preconditioner), {"name": "user"}
+    if preconditioner == "adam":
+        if optimizer is None:
+            raise ValueError("preconditioner='adam' needs optimizer= (a torch Adam/AdamW or its state_dict())")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            source = optimizer
+            missing = [n for n, p in named_params if not optimizer.state.get(p)]
+            if missing:
+                raise ValueError(
+                    f"the optimizer has no state for parameters {missing[:5]}: it optimizes other parameters "
+                    "or has not taken a step yet"
+                )
+        else:
+            source = selected_optimizer_state(optimizer, model, named_params)
+        p = adam_preconditioner(source, params=params, exponent=exponent, eps=eps)
+        return p.to(params[0].device), {"name": "adam", "exponent": exponent, "eps": eps}
+    if preconditioner == "fisher":
+        started = time.perf_counter()
+        diagonal, n_backward = fisher_diagonal(forward, layout, batches, passes=passes, seed=seed)
+        p = inverse_power_preconditioner(diagonal, exponent=exponent, eps=eps, name="fisher preconditioner")
+        info = {"name": "fisher", "exponent": exponent, "eps": eps, "backward_passes": n_backward}
+        info["seconds"] = time.perf_counter() - started
+        return p.to(params[0].device), info
+    raise ValueError(f"preconditioner must be None, 'adam', 'fisher' or a (D,) tensor, got {preconditioner!r}")
