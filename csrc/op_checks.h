@@ -55,17 +55,6 @@ inline at::Tensor checked_vector(const char* op, const char* name, const std::op
 
 inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
-// The Philox blocks covering elements [start, start + length): [first, first + count).
-struct BlockRange {
-  int64_t first;
-  int64_t count;
-};
-
-inline BlockRange block_range(int64_t start, int64_t length) {
-  const int64_t first = start / 4;
-  return {first, length == 0 ? 0 : (start + length + 3) / 4 - first};
-}
-
 // out[b] viewed as a (B, n) matrix: its two strides, or an error naming the accepted layouts.
 struct RowLayout {
   int64_t row_stride;

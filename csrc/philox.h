@@ -111,4 +111,16 @@ LOCALVOL_HOST_DEVICE GaussianBlock gaussian_block(uint64_t seed, uint64_t index,
   return box_muller(philox_block(seed, index, block));
 }
 
+// The Philox blocks covering elements [start, start + length): [first, first + count). Host code only
+// (the CPU tasks and the CUDA launchers split work with it), hence plain inline.
+struct BlockRange {
+  int64_t first;
+  int64_t count;
+};
+
+inline BlockRange block_range(int64_t start, int64_t length) {
+  const int64_t first = start / 4;
+  return {first, length == 0 ? 0 : (start + length + 3) / 4 - first};
+}
+
 }  // namespace localvol

@@ -187,16 +187,6 @@ __global__ void direction_stats_final_kernel(const Stats* __restrict__ partial, 
   }
 }
 
-// The Philox blocks covering elements [start, start + length): [first, first + count).
-struct BlockRange {
-  int64_t first, count;
-};
-
-BlockRange block_range(int64_t start, int64_t length) {
-  const int64_t first = start / 4;
-  return {first, length == 0 ? 0 : (start + length + 3) / 4 - first};
-}
-
 template <typename out_t>
 void launch_stream(uint64_t seed, const int64_t* index, int64_t rows, int64_t start, int64_t length, out_t* out,
                    cudaStream_t stream) {
