@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -26,6 +27,18 @@ inline at::Tensor checked_indices(const char* op, const at::Tensor& indices) {
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
   TORCH_CHECK_VALUE(indices.dim() <= 1, op, ": indices must have shape (B,), got ", indices.sizes());
   return indices.reshape({-1}).contiguous();
+}
+
+// checked_indices, and no index below 0. CPU only: on CUDA the check would wait for the GPU (there a
+// negative index is read as its uint64 bits).
+inline at::Tensor checked_cpu_indices(const char* op, const at::Tensor& indices) {
+  at::Tensor idx = checked_indices(op, indices);
+  if (idx.numel()) {
+    const int64_t* p = idx.const_data_ptr<int64_t>();
+    const int64_t lowest = *std::min_element(p, p + idx.numel());
+    TORCH_CHECK_VALUE(lowest >= 0, op, ": direction indices must be non-negative, got ", lowest);
+  }
+  return idx;
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {

@@ -1,6 +1,7 @@
 // The op schemas of the `localvol` namespace, declared once (contract: localvol_fast/ops/SPEC.md).
-// Each device registers its kernels in csrc/cpu/*.cpp and csrc/cuda/*.cu; the fake (meta) kernels
-// live in localvol_fast/ops/compiled.py. Importing localvol_fast._C runs these registrations.
+// Each device registers its kernels in one place, csrc/cpu/register.cpp and csrc/cuda/register.cpp; the
+// fake (meta) kernels live in localvol_fast/ops/compiled.py. Importing localvol_fast._C runs these
+// registrations.
 #include <Python.h>
 #include <torch/library.h>
 

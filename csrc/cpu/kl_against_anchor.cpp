@@ -10,7 +10,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,11 +18,13 @@
 
 #include "../op_checks.h"
 #include "isa.h"
+#include "kernels.h"
 
 // The wide vectors only pass between always-inline helpers, never across an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace localvol {
+namespace cpu {
 namespace {
 
 // Every path sums in 16 float32 lanes, held as 16 / W hardware vectors of W lanes (W = 4 SSE, 8 AVX2,
@@ -249,8 +250,10 @@ struct PositionsKL {
   static auto pick() { return LOCALVOL_PICK(run); }
 };
 
-at::Tensor kl_against_anchor_cpu(const at::Tensor& logits_in, const at::Tensor& anchor_in,
-                                 const std::optional<at::Tensor>& mask_in) {
+}  // namespace
+
+at::Tensor kl_against_anchor(const at::Tensor& logits_in, const at::Tensor& anchor_in,
+                             const std::optional<at::Tensor>& mask_in) {
   const KLInputs in = prepare_kl_inputs(logits_in, anchor_in, mask_in);
   const at::Tensor &logits = in.logits, &anchor = in.anchor, &mask = in.mask;
   const int64_t rows = in.rows, positions = in.positions, vocab = in.vocab;
@@ -294,7 +297,5 @@ at::Tensor kl_against_anchor_cpu(const at::Tensor& logits_in, const at::Tensor& 
   return out;
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace localvol
-
-TORCH_LIBRARY_IMPL(localvol, CPU, m) { m.impl("kl_against_anchor", &localvol::kl_against_anchor_cpu); }
