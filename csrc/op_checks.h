@@ -68,6 +68,35 @@ inline at::Tensor checked_vector(const char* op, const char* name, const std::op
 
 inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+// direction_stats' and perturb_'s anchor: floating, and [start, start + numel) a valid range. Returns numel.
+inline int64_t checked_anchor(const char* op, const at::Tensor& anchor, int64_t start) {
+  TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
+                   anchor.scalar_type());
+  const int64_t n = anchor.numel();
+  check_range(op, start, n);
+  return n;
+}
+
+// The per-parameter vectors as contiguous (n,) tensors of the working dtype on anchor's device: x the
+// anchor; p, w, b the preconditioner, weights and bounds, undefined where absent.
+struct ParamVectors {
+  at::ScalarType dtype;
+  at::Tensor x, p, w, b;
+};
+
+inline ParamVectors param_vectors(const char* op, const at::Tensor& anchor, const std::optional<at::Tensor>& precond,
+                                  const std::optional<at::Tensor>& weights = std::nullopt,
+                                  const std::optional<at::Tensor>& bounds = std::nullopt) {
+  const int64_t n = anchor.numel();
+  ParamVectors v;
+  v.dtype = working_dtype(anchor, {precond, weights, bounds});
+  v.x = anchor.reshape({-1}).to(v.dtype).contiguous();
+  v.p = checked_vector(op, "precond", precond, n, v.dtype, anchor);
+  v.w = checked_vector(op, "weights", weights, n, v.dtype, anchor);
+  v.b = checked_vector(op, "bounds", bounds, n, v.dtype, anchor);
+  return v;
+}
+
 // out[b] viewed as a (B, n) matrix: its two strides, or an error naming the accepted layouts.
 struct RowLayout {
   int64_t row_stride;

@@ -265,21 +265,14 @@ at::Tensor direction_stats(int64_t seed, const at::Tensor& indices, const at::Te
                            const std::optional<at::Tensor>& precond, const std::optional<at::Tensor>& weights,
                            const std::optional<at::Tensor>& bounds, int64_t start) {
   const char* op = "direction_stats";
-  TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
-                   anchor.scalar_type());
-  const int64_t n = anchor.numel();
-  check_range(op, start, n);
+  checked_anchor(op, anchor, start);
   const at::Tensor idx = checked_cpu_indices(op, indices);
-  const at::ScalarType dtype = working_dtype(anchor, {precond, weights, bounds});
-  const at::Tensor x = anchor.reshape({-1}).to(dtype).contiguous();
-  const at::Tensor p = checked_vector(op, "precond", precond, n, dtype, anchor);
-  const at::Tensor w = checked_vector(op, "weights", weights, n, dtype, anchor);
-  const at::Tensor b = checked_vector(op, "bounds", bounds, n, dtype, anchor);
+  const ParamVectors v = param_vectors(op, anchor, precond, weights, bounds);
   at::Tensor out = at::empty({idx.numel(), 5}, idx.options().dtype(at::kDouble));
-  if (dtype == at::kDouble) {
-    direction_stats_dispatch<double>(seed_bits(seed), idx, x, p, w, b, start, out);
+  if (v.dtype == at::kDouble) {
+    direction_stats_dispatch<double>(seed_bits(seed), idx, v.x, v.p, v.w, v.b, start, out);
   } else {
-    direction_stats_dispatch<float>(seed_bits(seed), idx, x, p, w, b, start, out);
+    direction_stats_dispatch<float>(seed_bits(seed), idx, v.x, v.p, v.w, v.b, start, out);
   }
   return out;
 }

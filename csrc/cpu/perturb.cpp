@@ -70,19 +70,16 @@ void perturb_kernel(at::Tensor& out, RowLayout layout, const at::Tensor& anchor,
 void perturb(at::Tensor& out, const at::Tensor& anchor, const std::optional<at::Tensor>& precond, int64_t seed,
              const at::Tensor& indices, const at::Tensor& scales, int64_t start) {
   const char* op = "perturb_";
-  TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
-                   anchor.scalar_type());
-  const int64_t n = anchor.numel();
-  check_range(op, start, n);
+  const int64_t n = checked_anchor(op, anchor, start);
   const at::Tensor idx = checked_cpu_indices(op, indices);
   TORCH_CHECK_VALUE(scales.numel() == idx.numel(), op, ": scales must have one value per direction (", idx.numel(),
                     "), got shape ", scales.sizes());
   check_same_device(op, "scales", scales, out);
   check_same_device(op, "anchor", anchor, out);
   const RowLayout layout = perturb_out_layout(out, idx.numel(), n);
-  const at::ScalarType dtype = working_dtype(anchor, {precond});
-  const at::Tensor x = anchor.reshape({-1}).to(dtype).contiguous();
-  const at::Tensor p = checked_vector(op, "precond", precond, n, dtype, anchor);
+  const ParamVectors v = param_vectors(op, anchor, precond);
+  const at::ScalarType dtype = v.dtype;
+  const at::Tensor &x = v.x, &p = v.p;
   const at::Tensor s = scales.reshape({-1}).to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "perturb_", [&] {
     if (dtype == at::kDouble) {

@@ -42,20 +42,15 @@ at::Tensor direction_stats_cuda(int64_t seed, const at::Tensor& indices, const a
                                 const std::optional<at::Tensor>& precond, const std::optional<at::Tensor>& weights,
                                 const std::optional<at::Tensor>& bounds, int64_t start) {
   const char* op = "direction_stats";
-  TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
-                   anchor.scalar_type());
-  const int64_t n = anchor.numel();
-  check_range(op, start, n);
+  const int64_t n = checked_anchor(op, anchor, start);
   check_same_device(op, "indices", indices, anchor);
   const c10::cuda::CUDAGuard guard(anchor.device());
   const at::Tensor idx = checked_indices(op, indices);
   const int64_t rows = idx.numel();
   TORCH_CHECK_VALUE(rows <= INT32_MAX, op, ": at most 2^31 - 1 directions per call, got ", rows);
-  const at::ScalarType dtype = working_dtype(anchor, {precond, weights, bounds});
-  const at::Tensor x = anchor.reshape({-1}).to(dtype).contiguous();
-  const at::Tensor p = checked_vector(op, "precond", precond, n, dtype, anchor);
-  const at::Tensor w = checked_vector(op, "weights", weights, n, dtype, anchor);
-  const at::Tensor b = checked_vector(op, "bounds", bounds, n, dtype, anchor);
+  const ParamVectors v = param_vectors(op, anchor, precond, weights, bounds);
+  const at::ScalarType dtype = v.dtype;
+  const at::Tensor &x = v.x, &p = v.p, &w = v.w, &b = v.b;
   at::Tensor out = at::empty({rows, 5}, idx.options().dtype(at::kDouble));
   if (rows == 0) return out;
   const int64_t parts = cuda::direction_stats_parts(rows, n);
@@ -73,10 +68,7 @@ at::Tensor direction_stats_cuda(int64_t seed, const at::Tensor& indices, const a
 void perturb_cuda(at::Tensor& out, const at::Tensor& anchor, const std::optional<at::Tensor>& precond,
                   int64_t seed, const at::Tensor& indices, const at::Tensor& scales, int64_t start) {
   const char* op = "perturb_";
-  TORCH_CHECK_TYPE(at::isFloatingType(anchor.scalar_type()), op, ": anchor must be floating, got ",
-                   anchor.scalar_type());
-  const int64_t n = anchor.numel();
-  check_range(op, start, n);
+  const int64_t n = checked_anchor(op, anchor, start);
   check_same_device(op, "anchor", anchor, out);
   check_same_device(op, "indices", indices, out);
   check_same_device(op, "scales", scales, out);
@@ -86,9 +78,9 @@ void perturb_cuda(at::Tensor& out, const at::Tensor& anchor, const std::optional
   TORCH_CHECK_VALUE(scales.numel() == rows, op, ": scales must have one value per direction (", rows,
                     "), got shape ", scales.sizes());
   const RowLayout layout = perturb_out_layout(out, rows, n);
-  const at::ScalarType dtype = working_dtype(anchor, {precond});
-  const at::Tensor x = anchor.reshape({-1}).to(dtype).contiguous();
-  const at::Tensor p = checked_vector(op, "precond", precond, n, dtype, anchor);
+  const ParamVectors v = param_vectors(op, anchor, precond);
+  const at::ScalarType dtype = v.dtype;
+  const at::Tensor &x = v.x, &p = v.p;
   const at::Tensor s = scales.reshape({-1}).to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "perturb_", [&] {
     using out_t = scalar_t;
