@@ -124,7 +124,7 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def large_mlp(steps: int = 150) -> BenchModel:
-    from localvol_fast.apps.digits import L2, PRIOR_SIGMA, load_digits_split
+    from localvol_fast.apps.digits import PRIOR_SIGMA, load_digits_split, train_full_batch
 
     x_train, y_train, x_test, y_test = load_digits_split(0)
     x_train, x_test = _upsample(x_train), _upsample(x_test)
@@ -132,14 +132,7 @@ def large_mlp(steps: int = 150) -> BenchModel:
     model = torch.nn.Sequential(
         torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, 10)
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x_train), y_train)
-        penalty = 0.5 * L2 * sum((p * p).sum() for p in model.parameters())
-        (loss + penalty).backward()
-        optimizer.step()
-    model.eval()
+    train_full_batch(model, torch.optim.Adam(model.parameters(), lr=1e-3), x_train, y_train, steps)
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(-1) == y_test).float().mean())
     return BenchModel(

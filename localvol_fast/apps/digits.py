@@ -71,11 +71,16 @@ def train_digits(steps: int = 500, *, poison_fraction: float = 0.0, seed: int = 
         y_train = poison_labels(y_train, poison_fraction, seed)
     model = digits_mlp(seed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    train_full_batch(model, optimizer, x_train, y_train, steps)
+    return TrainedDigits(model, optimizer, x_train, y_train, x_test, y_test)
+
+
+def train_full_batch(model, optimizer, x, y, steps: int) -> None:
+    """``steps`` full-batch steps on cross-entropy + (L2 / 2) |theta|^2; leaves the model in eval mode."""
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x_train), y_train)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
         penalty = 0.5 * L2 * sum((p * p).sum() for p in model.parameters())
         (loss + penalty).backward()
         optimizer.step()
     model.eval()
-    return TrainedDigits(model, optimizer, x_train, y_train, x_test, y_test)
