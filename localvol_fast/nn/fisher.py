@@ -19,8 +19,6 @@ def fisher_diagonal(forward, layout, batches, *, passes: int = 16, seed: int = 0
     forward(batch) runs the model on a batch; layout: the perturbed parameters (``ParameterLayout``).
     Returns (diagonal, number of backward passes).
     """
-    if passes < 1:
-        raise ValueError(f"fisher_passes must be at least 1, got {passes}")
     params = layout.params
     total = torch.zeros(layout.dim, dtype=torch.float64, device=params[0].device)
     generator = torch.Generator(device="cpu").manual_seed(int(seed) % (2**63))

@@ -28,6 +28,26 @@ def output_logits(outputs) -> torch.Tensor:
     )
 
 
+def check_class_logits(logits: torch.Tensor) -> None:
+    """The KL neighborhood's output contract: logits (..., classes) with at least 2 classes and a batch
+    dimension. A softmax over one class is 1 at every weight (the KL is 0 everywhere, every direction
+    unbounded), and a 1-D output would be one softmax over the batch: both are refused, not computed."""
+    shape = tuple(logits.shape)
+    if logits.dim() < 2:
+        raise ValueError(
+            f"the KL neighborhood needs (N, classes) logits, but the model returned shape {shape}: a 1-D output "
+            "would be read as one distribution over the batch; return (N, classes) logits (two columns for a "
+            "binary classifier), or use neighborhood='loss' with a loss_fn"
+        )
+    if shape[-1] < 2:
+        raise ValueError(
+            f"the KL neighborhood needs at least 2 classes in the last dimension of the logits, but the model "
+            f"returned shape {shape}: a softmax over {shape[-1]} class(es) does not change with the weights, so "
+            "the KL would be 0 everywhere; output logits for every class (two for a binary classifier), or use "
+            "neighborhood='loss' with a loss_fn (e.g. binary_cross_entropy_with_logits)"
+        )
+
+
 def _position_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None or logits.dim() < 3:
         return None
@@ -53,6 +73,7 @@ class KLNeighborhood:
 
     def prepare(self, anchor_outputs, batch) -> dict:
         logits = output_logits(anchor_outputs).detach()
+        check_class_logits(logits)
         log_probs = self.anchor_log_probs(logits)
         mask = _position_mask(logits, batch.mask)
         mask = None if mask is None else mask.reshape(1, -1)

@@ -37,7 +37,26 @@ def select_parameters(model: torch.nn.Module, params=None) -> list[tuple[str, to
             "the model has no trainable floating-point parameters to perturb"
             + (" among the selected params" if params is not None else "")
         )
+    check_perturbable(named)
     return named
+
+
+def has_overlapping_memory(p: torch.Tensor) -> bool:
+    """Whether some elements of ``p`` share one memory location (an expanded view: a stride of 0)."""
+    return any(stride == 0 and size > 1 for size, stride in zip(p.shape, p.stride()))
+
+
+def check_perturbable(named) -> None:
+    """Refuse, before the model is touched, parameters whose elements cannot be perturbed one by one:
+    an expanded parameter (stride 0) has fewer values in memory than elements, so no probe can give
+    its elements different values (and writing the anchor back into it fails)."""
+    for name, p in named:
+        if has_overlapping_memory(p):
+            raise ValueError(
+                f"parameter {name!r} is an expanded view (shape {tuple(p.shape)}, strides {tuple(p.stride())}): "
+                "several of its elements share one memory location, so they cannot be perturbed one by one; "
+                "give it memory of its own (p.data = p.data.clone()) or leave it out with params="
+            )
 
 
 def skipped_parameter_note(model: torch.nn.Module) -> str | None:
@@ -109,8 +128,8 @@ class ParameterLayout:
 
     def split(self, theta: torch.Tensor) -> dict:
         """(..., D) vectors as {name: (..., *shape)} views in each parameter's dtype."""
-        lead = theta.shape[:-1]
-        return {
-            name: theta[..., start:stop].reshape(*lead, *shape).to(dtype)
+        lead = tuple(theta.shape[:-1])
+        return {  # a tuple shape: reshape(*(), *()) of a 0-d parameter of one probe would get no shape
+            name: theta[..., start:stop].reshape(lead + tuple(shape)).to(dtype)
             for name, shape, dtype, (_, start, stop) in zip(self.names, self.shapes, self.dtypes, self.spans())
         }

@@ -46,20 +46,26 @@ def _adam_moments(source, params, key: str) -> torch.Tensor:
         return torch.cat(pieces)
     if isinstance(source, Mapping) and "state" in source and "param_groups" in source:
         ids = [i for group in source["param_groups"] for i in group["params"]]
+        if params is not None and len(params) != len(ids):
+            raise ValueError(
+                f"the optimizer state_dict holds {len(ids)} parameters but {len(params)} were given; "
+                "it belongs to other parameters"
+            )
         pieces = []
-        for i in ids:
+        for k, i in enumerate(ids):
             if i not in source["state"]:
                 raise ValueError(f"the optimizer state_dict has no state for parameter id {i}; take it after a step")
-            pieces.append(_moments_from_state(source["state"][i], key, f"parameter id {i}"))
-        flat = torch.cat(pieces)
-        if params is not None:
-            expected = sum(p.numel() for p in params)
-            if flat.numel() != expected:
+            state = source["state"][i]
+            moments = _moments_from_state(state, key, f"parameter id {i}")
+            # The k-th id of the param groups is the k-th parameter the optimizer was built with.
+            if params is not None and state[key].shape != params[k].shape:
                 raise ValueError(
-                    f"the optimizer state_dict holds {flat.numel()} values but the parameters have {expected}; "
-                    "it belongs to other parameters"
+                    f"the optimizer state_dict's {key} of parameter id {i} has shape {tuple(state[key].shape)} but "
+                    f"parameter {k} has {tuple(params[k].shape)}: it belongs to other parameters, or they are "
+                    "given in another order than the optimizer was built with"
                 )
-        return flat
+            pieces.append(moments)
+        return torch.cat(pieces)
     raise TypeError(
         "source must be a torch.optim.Adam/AdamW instance, its state_dict(), or a tensor of second moments; "
         f"got {type(source).__name__}"
@@ -92,19 +98,44 @@ def adam_preconditioner(
     return p.to(dtype)
 
 
-def selected_optimizer_state(optimizer, model, named_params):
-    """An Adam state_dict restricted to the selected parameters, checked against their shapes."""
-    all_params = list(model.parameters())
-    position = {id(p): k for k, p in enumerate(all_params)}
-    ids = [i for group in optimizer["param_groups"] for i in group["params"]]
-    if len(ids) != len(all_params):
+def state_ids(optimizer: Mapping, model) -> dict[int, int]:
+    """{id(parameter): its id in an optimizer ``state_dict``}. A state_dict's ids number the parameters
+    of its param groups in the order the optimizer was built with, which it does not record. It is known
+    when the groups name their parameters (an optimizer built from ``model.named_parameters()``), or for
+    one group, taken as ``Adam(model.parameters())``; several unnamed groups (layers listed in another
+    order, weight-decay groups) could be in any order, so they are refused rather than guessed."""
+    groups = optimizer["param_groups"]
+    ids = [i for group in groups for i in group["params"]]
+    named = list(model.named_parameters())
+    if groups and all("param_names" in group for group in groups):
+        by_name = dict(zip((n for group in groups for n in group["param_names"]), ids))
+        return {id(p): by_name[n] for n, p in named if n in by_name}
+    if len(groups) > 1:
         raise ValueError(
-            f"the optimizer state_dict covers {len(ids)} parameters but the model has {len(all_params)}; "
+            f"the optimizer state_dict has {len(groups)} param groups that do not name their parameters, so "
+            "which state belongs to which parameter depends on how the groups were listed; pass the live "
+            "optimizer (matched by identity), or build it from model.named_parameters() (its state_dict then "
+            "names them)"
+        )
+    if len(ids) != len(named):
+        raise ValueError(
+            f"the optimizer state_dict covers {len(ids)} parameters but the model has {len(named)}; "
             "pass the optimizer (or state_dict) created for this model's parameters"
         )
+    return {id(p): sid for (_, p), sid in zip(named, ids)}
+
+
+def selected_optimizer_state(optimizer, model, named_params):
+    """An Adam state_dict restricted to the selected parameters (matched by ``state_ids``), in their
+    order, each checked against its parameter's shape."""
+    sid_of = state_ids(optimizer, model)
     state, chosen = {}, []
     for name, p in named_params:
-        sid = ids[position[id(p)]]
+        if id(p) not in sid_of:
+            raise ValueError(
+                f"the optimizer state_dict names no parameter {name!r}; pass the optimizer built for this model"
+            )
+        sid = sid_of[id(p)]
         entry = optimizer["state"].get(sid)
         if entry is None or "exp_avg_sq" not in entry:
             raise ValueError(f"the optimizer state has no moments for parameter {name!r}; take it after a step")
@@ -119,20 +150,16 @@ def selected_optimizer_state(optimizer, model, named_params):
 
 
 def resolve_preconditioner(preconditioner, optimizer, model, layout, forward, batches, *, exponent, eps, passes, seed):
-    """The (D,) preconditioner tensor (or None) for ``estimate``, and what it cost."""
+    """The (D,) preconditioner tensor (or None) for ``estimate``, and what it cost.
+
+    The options were checked where they entered (``estimate``): the kind, its size, the optimizer pairing.
+    """
     if preconditioner is None:
-        if optimizer is not None:
-            raise ValueError("optimizer= is used by preconditioner='adam'; pass preconditioner='adam' or drop it")
         return None, {"name": "isotropic"}
     params, named_params = layout.params, list(zip(layout.names, layout.params))
-    dim = layout.dim
     if isinstance(preconditioner, torch.Tensor):
-        if preconditioner.numel() != dim:
-            raise ValueError(f"preconditioner has {preconditioner.numel()} values but D = {dim}")
         return normalize_preconditioner(preconditioner), {"name": "user"}
     if preconditioner == "adam":
-        if optimizer is None:
-            raise ValueError("preconditioner='adam' needs optimizer= (a torch Adam/AdamW or its state_dict())")
         if isinstance(optimizer, torch.optim.Optimizer):
             source = optimizer
             missing = [n for n, p in named_params if not optimizer.state.get(p)]
@@ -145,11 +172,9 @@ def resolve_preconditioner(preconditioner, optimizer, model, layout, forward, ba
             source = selected_optimizer_state(optimizer, model, named_params)
         p = adam_preconditioner(source, params=params, exponent=exponent, eps=eps)
         return p.to(params[0].device), {"name": "adam", "exponent": exponent, "eps": eps}
-    if preconditioner == "fisher":
-        started = time.perf_counter()
-        diagonal, n_backward = fisher_diagonal(forward, layout, batches, passes=passes, seed=seed)
-        p = inverse_power_preconditioner(diagonal, exponent=exponent, eps=eps, name="fisher preconditioner")
-        info = {"name": "fisher", "exponent": exponent, "eps": eps, "backward_passes": n_backward}
-        info["seconds"] = time.perf_counter() - started
-        return p.to(params[0].device), info
-    raise ValueError(f"preconditioner must be None, 'adam', 'fisher' or a (D,) tensor, got {preconditioner!r}")
+    started = time.perf_counter()  # "fisher"
+    diagonal, n_backward = fisher_diagonal(forward, layout, batches, passes=passes, seed=seed)
+    p = inverse_power_preconditioner(diagonal, exponent=exponent, eps=eps, name="fisher preconditioner")
+    info = {"name": "fisher", "exponent": exponent, "eps": eps, "backward_passes": n_backward}
+    info["seconds"] = time.perf_counter() - started
+    return p.to(params[0].device), info

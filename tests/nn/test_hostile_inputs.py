@@ -27,7 +27,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import Wrapped, tiny_gpt_neox, token_batch
+from conftest import Wrapped, assert_restored, snapshot, tiny_gpt_neox, token_batch
 
 import localvol_fast as lv
 from localvol_fast.nn.estimator import estimate
@@ -74,37 +74,6 @@ def mlp_on_path(path: str, seed: int = 0):
 
 def inputs(rows: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, 4, generator=torch.Generator().manual_seed(seed))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a tensor: equality is bit-exact and NaN payloads count."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8) if t.numel() else t
-
-
-def snapshot(model: torch.nn.Module) -> dict:
-    state = model.state_dict(keep_vars=True)
-    return {
-        "state": {k: (v.dtype, v.shape, v.device, None if v.is_meta else _bits(v).clone()) for k, v in state.items()},
-        "modes": [m.training for m in model.modules()],
-        "ids": [id(p) for p in model.parameters()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad is None for p in model.parameters()],
-    }
-
-
-def assert_restored(model: torch.nn.Module, snap: dict) -> None:
-    state = model.state_dict(keep_vars=True)
-    assert list(state) == list(snap["state"]), "the state_dict keys changed"
-    for k, v in state.items():
-        dtype, shape, device, bits = snap["state"][k]
-        assert (v.dtype, v.shape, v.device) == (dtype, shape, device), k
-        if bits is not None:
-            assert torch.equal(_bits(v), bits), f"{k} was not restored bit for bit"
-    assert [m.training for m in model.modules()] == snap["modes"], "train/eval modes changed"
-    assert [id(p) for p in model.parameters()] == snap["ids"], "parameters were replaced"
-    assert [p.requires_grad for p in model.parameters()] == snap["requires_grad"]
-    assert [p.grad is None for p in model.parameters()] == snap["grads"]
 
 
 def run_recorded(fn):

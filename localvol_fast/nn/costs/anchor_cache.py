@@ -13,10 +13,9 @@ ANCHOR_CACHE_MODES = ("auto", "device", "cpu", "recompute")
 
 
 def cache_budget(memory_budget, device) -> float:
-    """Bytes the anchor's outputs may take on the device: a quarter of free GPU memory by default."""
+    """Bytes the anchor's outputs may take on the device (checked by ``estimate``): a quarter of free GPU
+    memory by default."""
     if memory_budget is not None:
-        if not memory_budget > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         return float(memory_budget)
     device = torch.device(device)
     if device.type == "cuda":

@@ -15,6 +15,24 @@ from localvol_fast.nn.data import Batch
 PROBE_ELEMENTS = 1 << 25  # bound on probes x output elements in one vmapped forward
 
 
+def substitution_names(model, layout) -> dict[str, list[str]]:
+    """For each perturbed parameter, the names under which ``functional_call`` must put its probe value:
+    one per (module, attribute) slot that holds it. A module used twice (the same ``nn.Linear`` twice in
+    a ``Sequential``) has two names but one slot; torch's ``tie_weights`` would swap that slot twice and
+    restore it to the first probe value (leaving an escaped tensor in the model), so each slot gets
+    exactly one name and a weight tied between two modules gets one name per module."""
+    owner = {id(p): name for name, p in zip(layout.names, layout.params)}
+    names: dict[str, list[str]] = {name: [] for name in layout.names}
+    slots = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is None or id(p) not in owner or (id(module), attr) in slots:
+                continue
+            slots.add((id(module), attr))
+            names[owner[id(p)]].append(f"{prefix}.{attr}" if prefix else attr)
+    return names
+
+
 class FunctionalModelCost(ModelCost):
     """``ModelCost`` of whole parameter vectors: ``costs_of_points(thetas (k, D)) -> (k,)``."""
 
@@ -22,6 +40,7 @@ class FunctionalModelCost(ModelCost):
         super().__init__(model, batches, neighborhood, layout, backend, **options)
         self.mode = "vmap" if use_vmap else "sequential"
         self.probe_chunk = max(1, PROBE_ELEMENTS // max(self.anchor_outputs.largest_elements, 1))
+        self.substitutions = substitution_names(model, layout)
 
     def _fresh(self, thetas: torch.Tensor) -> torch.Tensor:
         """With several data batches each gets its own copy of the probes: a model that writes into its
@@ -29,7 +48,9 @@ class FunctionalModelCost(ModelCost):
         return thetas.clone() if len(self.batches) > 1 else thetas
 
     def _per_probe(self, params: dict, batch: Batch):
-        outputs = functional_call(self.model, params, batch.args, self._kwargs(batch))
+        slots = {alias: params[name] for name, aliases in self.substitutions.items() for alias in aliases}
+        # tie_weights=False: the slots are already complete and distinct (substitution_names).
+        outputs = functional_call(self.model, slots, batch.args, self._kwargs(batch), tie_weights=False)
         return self.neighborhood.per_probe(outputs, batch)
 
     def _costs_vmap(self, thetas: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,29 @@ class InPlaceModelCost(ModelCost):
 
     mode = "inplace"
 
+    def __init__(self, *args, **options):
+        self._scratch: dict[int, torch.Tensor] = {}  # per non-contiguous parameter (``_flat_target``)
+        super().__init__(*args, **options)
+
     @torch.no_grad()
     def _write_probe(self, index: torch.Tensor, scale: torch.Tensor) -> None:
         batch = self.batch
         for p, start, stop in self.layout.spans():
             precond = None if batch.precond is None else batch.precond[start:stop]
-            self.backend.perturb_(p.detach().view(-1), self.anchor[start:stop], precond, batch.seed, index, scale, start)
+            target = self._flat_target(p)
+            self.backend.perturb_(target, self.anchor[start:stop], precond, batch.seed, index, scale, start)
+            if not p.is_contiguous():
+                p.copy_(target.view(p.shape))  # through p's own strides, in the layout's row-major order
+
+    def _flat_target(self, p: torch.Tensor) -> torch.Tensor:
+        """Where ``perturb_`` writes p's probe values: p's own memory when it is contiguous, else a
+        contiguous scratch copied into p afterwards (a transposed parameter has no flat view)."""
+        if p.is_contiguous():
+            return p.detach().view(-1)
+        scratch = self._scratch.get(id(p))
+        if scratch is None:
+            scratch = self._scratch[id(p)] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        return scratch
 
     @torch.no_grad()
     def _cost_here(self, write=None) -> torch.Tensor:

@@ -39,20 +39,20 @@ def plain_mlp_layers(model, layout):
         return None
     if _has_hooks(model):  # the factored path never calls the modules, so their hooks would be skipped
         return None
-    layers, covered = [], 0
+    layers, covered = [], set()  # parameter ids, not a count: a Linear used twice covers its parameters once
     for module in model:
         if isinstance(module, torch.nn.Linear):
             w_off = layout.start_of(module.weight)
             b_off = None if module.bias is None else layout.start_of(module.bias)
             if w_off is None or (module.bias is not None and b_off is None):
                 return None
-            covered += 1 + (b_off is not None)
+            covered.update(id(p) for p in (module.weight, module.bias) if p is not None)
             layers.append((module, w_off, b_off))
         elif isinstance(module, ELEMENTWISE):
             layers.append(module)
         else:
             return None
-    return layers if covered == len(layout) else None
+    return layers if len(covered) == len(layout) else None
 
 
 def _has_hooks(model) -> bool:
