@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from localvol_fast.core.search import STATUS_NAMES
+
 _FORMAT = "localvol_fast.VolumeResult"
 _FORMAT_VERSION = 1
 _TENSOR_FIELDS = {
@@ -21,6 +23,20 @@ _TENSOR_FIELDS = {
     "indices": torch.int64,
     "nonmonotone": torch.bool,
 }
+_INT64 = range(-(2**63), 2**63)
+
+
+def _is_number(x) -> bool:  # bool is an int to Python, but never a figure of a saved result
+    return isinstance(x, float) or (isinstance(x, int) and not isinstance(x, bool) and abs(x) < 2.0**1023)
+
+
+def _is_int64(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x in _INT64
+
+
+# What each per-direction list of a saved result may hold, and how a message names it.
+_ELEMENTS = {torch.float64: (_is_number, "numbers"), torch.int64: (_is_int64, "int64 integers"),
+             torch.bool: (lambda x: isinstance(x, bool), "booleans"), str: (lambda x: x in STATUS_NAMES, "")}
 
 
 def log_mean_exp(values: torch.Tensor) -> float:
@@ -75,6 +91,8 @@ class VolumeResult:
     def effective_sample_size(self) -> float:
         """(sum w)^2 / sum w^2 of the importance weights w = exp(estimates): 1 means one direction dominates."""
         finite = self.estimates[torch.isfinite(self.estimates)]
+        if self.n_samples == 0 or bool(torch.isnan(self.estimates).all()):
+            return math.nan
         if bool((self.estimates == math.inf).any()):
             return float((self.estimates == math.inf).sum())
         if finite.numel() == 0:
@@ -93,6 +111,8 @@ class VolumeResult:
         picks = torch.randint(0, n, (n_resamples, n), generator=generator)
         boots = torch.logsumexp(self.estimates.double()[picks], dim=1) - math.log(n)
         finite = boots[~torch.isnan(boots)]
+        if finite.numel() == 0:  # every estimate NaN: there is no interval to give
+            return (math.nan, math.nan)
         low, high = torch.quantile(finite, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
         return (float(low), float(high))
 
@@ -144,15 +164,33 @@ class VolumeResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VolumeResult":
-        if data.get("format") != _FORMAT:
-            raise ValueError(f"not a saved VolumeResult (format {data.get('format')!r})")
-        kwargs = {}
-        for f in fields(cls):
-            value = data[f.name]
-            if f.name in _TENSOR_FIELDS:
-                value = torch.tensor(value, dtype=_TENSOR_FIELDS[f.name]).reshape(-1)
-            kwargs[f.name] = value
-        return cls(**kwargs)
+        """The result ``to_dict`` wrote, every field checked: a ValueError names the first bad one."""
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a saved VolumeResult (format {found!r})")
+        if data.get("version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"a saved VolumeResult of format version {data.get('version')!r}, but this version of localvol_fast "
+                f"reads version {_FORMAT_VERSION}; load it with the version that wrote it"
+            )
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"the saved VolumeResult lacks the field(s) {missing}; the file is incomplete or edited")
+        n = len(data["estimates"]) if isinstance(data["estimates"], list) else None
+        kwargs = {name: torch.tensor(_checked_list(data[name], name, n, dtype), dtype=dtype).reshape(-1)
+                  for name, dtype in _TENSOR_FIELDS.items()}
+        kwargs["status"] = _checked_list(data["status"], "status", n, str)
+        dim, cutoff = data["dim"], data["cutoff"]
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer (the number of parameters), got {dim!r}")
+        if not (_is_number(cutoff) and math.isfinite(cutoff) and cutoff > 0):
+            raise ValueError(f"cutoff must be a finite positive number, got {cutoff!r}")
+        for name in ("measure", "config", "info"):
+            if not isinstance(data[name], dict):
+                raise ValueError(f"{name} must be a JSON object (a dict), got {type(data[name]).__name__}")
+        return cls(
+            **kwargs, dim=dim, cutoff=float(cutoff), measure=data["measure"], config=data["config"], info=data["info"]
+        )
 
     def save(self, path) -> Path:
         """Write the result as JSON (lossless; inf and NaN as JSON's Infinity/NaN)."""
@@ -166,3 +204,20 @@ class VolumeResult:
     @classmethod
     def load(cls, path) -> "VolumeResult":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _checked_list(value, name: str, n: int | None, kind) -> list:
+    """``value`` if it is a flat list of ``n`` items of ``kind`` (a dtype, or str for status names),
+    else a ValueError saying what is wrong."""
+    is_item, what = _ELEMENTS[kind]
+    what = what or f"status names (one of {list(STATUS_NAMES)})"
+    if not isinstance(value, list):
+        raise ValueError(f"{name} must be a list of {what}, got {type(value).__name__}")
+    if n is not None and len(value) != n:
+        raise ValueError(
+            f"{name} has {len(value)} entries but estimates has {n}; a saved result has one per direction in each"
+        )
+    for k, item in enumerate(value):
+        if not is_item(item):
+            raise ValueError(f"{name}[{k}] is {item!r}, but {name} must hold {what}; the file was edited or damaged")
+    return value

@@ -23,7 +23,7 @@ from localvol_fast.core.search import search_radii
 from localvol_fast.engine.directions import DirectionBatch
 from localvol_fast.engine.distributed import gather, owns, process_group
 from localvol_fast.engine.evaluation import as_evaluator
-from localvol_fast.engine.journal import anchor_fingerprint, open_journal
+from localvol_fast.engine.journal import open_journal, tensor_checksum, tensor_fingerprint
 from localvol_fast.engine.options import RunOptions
 from localvol_fast.engine.pilot import PILOT_DIRECTIONS, CutoffTrack, direction_batches
 from localvol_fast.engine.progress import ProgressBar
@@ -111,7 +111,7 @@ def run_estimate(
         config = _journal_config(options, anchor, measure_obj, precond, ops, run_info)
         journal = open_journal(options.output, config, options.resume, rank, world_size)
         _take_finished(journal, tracks, options)
-    done = journal.done_indices(options.cutoffs) if journal is not None else set()
+    done = journal.done_indices(options.cutoffs, options.n_samples) if journal is not None else set()
     todo = [i for i in range(options.n_samples) if i not in done and owns(i, rank, world_size, PILOT_DIRECTIONS)]
     new_parts, totals = _run_directions(evaluator, anchor, todo, tracks, measure_obj, precond, ops, options, journal, rank)
 
@@ -156,19 +156,23 @@ def _cutoff_tracks(options: RunOptions) -> list[CutoffTrack]:
 
 
 def _journal_config(options: RunOptions, anchor, measure_obj, precond, ops, run_info) -> dict:
-    """Everything a resumed run must match."""
+    """Everything a resumed run must match: every element of the anchor, the preconditioner and the
+    measure's per-parameter vectors by checksum (a strided sample would miss most of them)."""
+    vectors = {"weights": measure_obj.weights, "bounds": measure_obj.bounds}
+    vectors = {k: None if v is None else tensor_checksum(v) for k, v in vectors.items()}
     return {
-        "seed": options.seed, "cutoffs": options.sorted_cutoffs, "measure": measure_obj.describe(),
+        "seed": options.seed, "cutoffs": options.sorted_cutoffs, "measure": {**measure_obj.describe(), **vectors},
         "rtol": options.rtol, "max_evals": options.max_evals, "initial_radius": options.initial_radius,
-        "backend": ops.name, "anchor": anchor_fingerprint(anchor),
-        "preconditioner": None if precond is None else anchor_fingerprint(precond),
+        "backend": ops.name, "anchor": tensor_fingerprint(anchor),
+        "preconditioner": None if precond is None else tensor_fingerprint(precond),
         **(run_info or {}),
     }
 
 
 def _take_finished(journal, tracks: list[CutoffTrack], options: RunOptions) -> None:
-    """Directions finished by an earlier run count as done (and set the pilot's figures)."""
-    done = journal.done_indices(options.cutoffs)
+    """Directions finished by an earlier run count as done (and set the pilot's figures); of a run
+    resumed with fewer ``n_samples``, only the first ``n_samples``, as an uninterrupted run gives."""
+    done = journal.done_indices(options.cutoffs, options.n_samples)
     if done:
         for track in tracks:
             track.add(DirectionRecords.from_rows(journal.records(track.eps, sorted(done))))

@@ -26,7 +26,7 @@ from localvol_fast import (
     log_mean_exp,
     log_radial_integral,
 )
-from localvol_fast.core.search import CONVERGED, search_radii
+from localvol_fast.core.search import CONVERGED, STATUS_NAMES, search_radii
 
 
 def bounded(n: int):
@@ -215,12 +215,12 @@ def volume_results(draw):
         radii=floats(),
         deltas=floats(),
         props=floats(),
-        status=draw(st.lists(st.text(max_size=12), min_size=n, max_size=n)),
+        status=draw(st.lists(st.sampled_from(STATUS_NAMES), min_size=n, max_size=n)),  # load refuses others
         n_evals=ints(),
         indices=ints(),
         nonmonotone=torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool),
         dim=draw(st.integers(1, 2**62)),
-        cutoff=draw(any_float),
+        cutoff=draw(st.floats(min_value=0.0, exclude_min=True, allow_infinity=False, allow_subnormal=True)),
         measure=draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
         config=draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
         info=draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
