@@ -12,7 +12,10 @@ only turn options into calls and results into output.
 Files written:
 - ``demo``: ``demo.json`` and ``demo.png`` (see ``apps.demo``).
 - ``reproduce digits``: ``report.md``, ``results.json`` and PNG plots (see ``apps.reproduce``).
-- ``estimate``: the ``VolumeResult`` as JSON (``VolumeResult.load(path)``).
+- ``estimate``: the ``VolumeResult`` as JSON (``VolumeResult.load(path)``). ``--out`` and ``--journal``
+  are checked writable before the model is loaded; if writing ``--out`` still fails at the end, the
+  result goes to a fallback file (next to the journal, else in the current folder), the path is printed
+  and the exit code is 1: a finished run is never lost.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -33,7 +37,7 @@ from localvol_fast import __version__
 from localvol_fast.apps.demo import demo_headline, format_table, require_demo_extras, run_demo
 from localvol_fast.apps.loaders import UsageError, default_loss, load_factory, load_hf_inputs
 from localvol_fast.apps.reproduce import reproduce_digits
-from localvol_fast.core.checks import check_integer, check_open_fraction
+from localvol_fast.core.checks import check_device, check_integer, check_open_fraction, check_seed
 from localvol_fast.core.search import INTEGRATED_EXACTLY, UNBOUNDED, status_counts_text
 from localvol_fast.nn.estimator import estimate
 
@@ -75,6 +79,13 @@ def _positive_int(text: str) -> int:
         return check_integer(int(text), "value")
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +159,7 @@ def _add_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--n-samples", type=_positive_int, default=128, help="directions per method (default 128)")
     demo.add_argument("--steps", type=_positive_int, default=500, help="training steps (default 500)")
     demo.add_argument("--cutoff", type=_positive_float, default=1e-2, help="KL cutoff eps in nats (default 1e-2)")
-    demo.add_argument("--seed", type=int, default=0, help="training and direction seed (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="training and direction seed (default 0)")
 
 
 def _add_reproduce(reproduce: argparse.ArgumentParser) -> None:
@@ -156,7 +167,7 @@ def _add_reproduce(reproduce: argparse.ArgumentParser) -> None:
     reproduce.add_argument("--out", default=None, help="output folder (default: localvol_out/reproduce_digits)")
     reproduce.add_argument("--quick", action="store_true", help="small sizes, about a minute (noisy)")
     reproduce.add_argument("--n-samples", type=_positive_int, default=None, help="directions per estimate")
-    reproduce.add_argument("--seed", type=int, default=0)
+    reproduce.add_argument("--seed", type=_seed, default=0)
 
 
 def _add_estimate(est: argparse.ArgumentParser) -> None:
@@ -186,7 +197,7 @@ def _add_estimate(est: argparse.ArgumentParser) -> None:
     )
     est.add_argument("--bounds", type=_positive_float, default=None, help="uniform prior on [-a, a]^D")
     _add_preconditioner_options(est)
-    est.add_argument("--seed", type=int, default=0)
+    est.add_argument("--seed", type=_seed, default=0)
     est.add_argument("--rtol", type=_open_fraction, default=1e-2, help="radius tolerance |C - eps| <= rtol eps")
     est.add_argument("--batch-size", type=_positive_int, default=None, help="directions searched together")
     est.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
@@ -245,20 +256,70 @@ def _output_dir(text: str) -> Path:
         raise UsageError(f"--out {text}: exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".localvol-write-test-"):
+            pass  # the folder takes files: found now, not after the run
     except OSError as error:
-        raise UsageError(f"--out {text}: cannot create the folder ({error.strerror or error})") from None
+        raise UsageError(f"--out {text}: cannot create or write the folder ({error.strerror or error})") from None
+    return path
+
+
+def _writable_file(text: str, option: str) -> Path:
+    """A file the command will write at the end: its folder is created and tried with a temporary
+    file now, so that a run whose result could not be saved never starts."""
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"{option} {text}: is a folder; give a file name such as result.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{option} {text}: cannot create its folder ({error.strerror or error})") from None
+    try:
+        if path.exists():
+            with open(path, "r+b"):  # opened for writing, nothing written
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".localvol-write-test-"):
+                pass  # removed on close
+    except OSError as error:
+        raise UsageError(
+            f"{option} {text}: cannot write there ({error.strerror or error}); choose a writable location"
+        ) from None
     return path
 
 
 def _output_file(text: str) -> Path:
-    path = Path(text)
-    if path.is_dir():
-        raise UsageError(f"--out {text}: is a folder; give a file name such as result.json")
+    return _writable_file(text, "--out")
+
+
+def _save_result(result, out: Path, journal: str | None) -> int:
+    """Write the result to ``out``; if that fails, to a fallback file, saying where (exit code 1)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        result.save(out)
     except OSError as error:
-        raise UsageError(f"--out {text}: cannot create its folder ({error.strerror or error})") from None
-    return path
+        fallback = _save_fallback(result, out, journal)
+        print(
+            f"localvol: error: cannot write --out {out} ({error.strerror or error}); the result was saved to "
+            f"{fallback} instead",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _save_fallback(result, out: Path, journal: str | None) -> Path:
+    """Save to a new file next to the journal, else in the current folder, else in the temp folder."""
+    folders = [Path(journal).resolve().parent] if journal is not None else []
+    folders += [Path.cwd(), Path(tempfile.gettempdir())]
+    for folder in folders:
+        try:
+            handle, name = tempfile.mkstemp(dir=folder, prefix=f"{out.stem}.", suffix=".json")
+            os.close(handle)
+            result.save(name)
+        except OSError:
+            continue
+        return Path(name)
+    raise OSError(f"the result could not be saved anywhere (tried {', '.join(map(str, folders))})")
 
 
 @contextlib.contextmanager
@@ -280,15 +341,11 @@ def _status_note(name: str, result) -> str | None:
 
 
 def _check_device(text):
-    if text is None:
-        return None
+    """--device: one that exists here (the library's own check, reported as a usage error)."""
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {text}: CUDA is not available on this machine")
-    return device
+        return check_device(text)
+    except ValueError as error:
+        raise UsageError(f"--device: {error}") from None
 
 
 def _rank() -> int:
@@ -334,14 +391,17 @@ def command_reproduce(args) -> int:
 
 # ----- estimate ---------------------------------------------------------------------------------
 def command_estimate(args) -> int:
+    # Everything about the command line itself is checked before the model is loaded.
+    if args.resume and args.journal is None:
+        raise UsageError("--resume needs --journal FILE (the journal of the run to continue)")
     out = _output_file(args.out)
+    if args.journal is not None:
+        _check_journal(args.journal, args.resume)
     device = _check_device(args.device)
     if args.distributed and device is not None and str(device) == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # one GPU per torchrun process
     model, data, extras = _model_and_data(args)
     options = _estimate_options(args, device, extras)
-    if args.resume and args.journal is None:
-        raise UsageError("--resume needs --journal FILE (the journal of the run to continue)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the summary lists direction statuses and notes
         try:
@@ -352,9 +412,16 @@ def command_estimate(args) -> int:
     if args.distributed and _rank() != 0:
         return EXIT_OK  # every rank holds the whole result; rank 0 reports and writes it
     print(result.summary())
-    result.save(out)
-    print(f"wrote {out}")
-    return EXIT_OK
+    return _save_result(result, out, args.journal)
+
+
+def _check_journal(text: str, resume: bool) -> None:
+    """--journal: writable, and (without --resume) not already holding a run, found before the model loads."""
+    path = _writable_file(text, "--journal")
+    if not resume and path.is_file() and path.stat().st_size > 0:
+        raise UsageError(
+            f"--journal {text} already holds a run; pass --resume to continue it, or choose another journal file"
+        )
 
 
 def _model_and_data(args) -> tuple:
@@ -376,10 +443,18 @@ def _optimizer(args, extras: dict):
     """The Adam state for --preconditioner adam: --optimizer-state, else the factory's optimizer."""
     optimizer = extras.get("optimizer")
     if args.optimizer_state is not None:
+        if args.preconditioner != "adam":
+            raise UsageError("--optimizer-state is used by --preconditioner adam; add it or drop --optimizer-state")
+        if not Path(args.optimizer_state).is_file():
+            raise UsageError(f"--optimizer-state {args.optimizer_state}: no such file")
         try:
             optimizer = torch.load(args.optimizer_state, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
-            raise UsageError(f"--optimizer-state {args.optimizer_state}: cannot read it ({error})") from None
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(
+                f"--optimizer-state {args.optimizer_state}: cannot read it as a torch.save'd optimizer state_dict "
+                f"({reason})"
+            ) from None
     if args.preconditioner == "adam" and optimizer is None:
         raise UsageError(
             "--preconditioner adam needs the model's Adam state: --optimizer-state FILE "

@@ -75,10 +75,7 @@ def load_hf_inputs(model_dir: str, data_path: str | None, *, max_length: int, at
         raise UsageError("--model needs --data (a text file or a .pt tensor of token ids)")
     model = load_hf_model(model_dir, attn_implementation)
     data = load_token_data(data_path, model_dir, max_length)
-    vocab = getattr(model.config, "vocab_size", None)
-    largest = int(data["input_ids"].max())
-    if vocab is not None and largest >= vocab:
-        raise UsageError(f"--data {data_path}: token id {largest} is outside the model's vocabulary of {vocab}")
+    # Token ids outside the vocabulary are refused by ``estimate`` itself (before any forward pass).
     extras = {}
     if loss:
         data["labels"] = data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)
@@ -103,8 +100,9 @@ def load_hf_model(directory: str, attn_implementation: str | None = "eager"):
     try:
         options = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **options)
-    except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"--model {directory}: cannot load a causal language model: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any failure to read the user's folder is bad input
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"--model {directory}: cannot load a causal language model from it ({reason})") from None
     return model.eval()
 
 
@@ -123,20 +121,38 @@ def _ids_from_object(obj, source: str, max_length: int) -> dict:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.numel() == 0:
         raise UsageError(f"--data {source}: token ids must be (N, T) or (T,), got shape {tuple(ids.shape)}")
-    mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
+    mask = _mask_for(mask, ids, source)
     return {"input_ids": ids[:, :max_length].long(), "attention_mask": mask[:, :max_length].long()}
+
+
+def _mask_for(mask, ids: torch.Tensor, source: str) -> torch.Tensor:
+    """The attention mask of (N, T) ids: all ones if none was saved, else one of the same shape."""
+    if mask is None:
+        return torch.ones_like(ids)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 1:
+        mask = mask.unsqueeze(0)  # (T,) like (T,) ids
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise UsageError(
+            f"--data {source}: attention_mask has shape {shape} but input_ids has shape {tuple(ids.shape)}; save "
+            "the mask that belongs to these ids (or none)"
+        )
+    return mask
 
 
 def load_token_data(data_path: str, model_dir: str, max_length: int) -> dict:
     """input_ids and attention_mask from a .pt file or a text file (one example per line)."""
     path = Path(data_path)
+    if path.is_dir():
+        raise UsageError(f"--data {data_path}: is a folder; give a text file or a .pt file of token ids")
     if not path.is_file():
         raise UsageError(f"--data {data_path}: no such file")
     if path.suffix == ".pt":
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
-            raise UsageError(f"--data {data_path}: cannot read it as a torch file ({error})") from None
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"--data {data_path}: cannot read it as a torch.save'd tensor or dict ({reason})") from None
         return _ids_from_object(obj, data_path, max_length)
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -148,7 +164,7 @@ def load_token_data(data_path: str, model_dir: str, max_length: int) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure to read the user's tokenizer is bad input
         raise UsageError(
             f"--data {data_path} is text, but {model_dir} has no usable tokenizer ({error}); save one with "
             "tokenizer.save_pretrained(DIR) or pass a .pt tensor of token ids"
@@ -158,6 +174,12 @@ def load_token_data(data_path: str, model_dir: str, max_length: int) -> dict:
             raise UsageError(f"the tokenizer in {model_dir} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of the cost anyway
     encoded = tokenizer(lines, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    if encoded["input_ids"].numel() == 0 or not bool(encoded["attention_mask"].any()):
+        raise UsageError(
+            f"--data {data_path}: the tokenizer in {model_dir} turned its lines into no tokens (it has no usable "
+            "vocabulary); save the model's tokenizer there with tokenizer.save_pretrained(DIR) or pass a .pt tensor "
+            "of token ids"
+        )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 

@@ -23,6 +23,11 @@ from localvol_fast.core.radial import log_ball_volume, log_radial_integral, log_
 _GAUSSIAN_TAIL_WIDTHS = 12.0
 # Lebesgue rays still inside the neighborhood this far out (times max(|theta0|, 1)) count as infinite.
 _LEBESGUE_MAX_RADIUS_FACTOR = 1e6
+# The measures work with 1 / sigma^2 and bounds^2 in float64: outside this range the squares under- or
+# overflow (sqrt of the smallest normal float64 is 1.5e-154, of the largest 1.3e154), so such a sigma
+# or bound is refused with this range instead of dividing by zero or overflowing mid-run.
+SCALE_LIMITS = (1e-150, 1e150)
+_SCALE_WHY = " (its square must be a normal float64)"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class DirectionStats:
 
 
 _CHUNK = 1 << 22
+
+
+def _check_scale(value, dim: int, name: str):
+    """sigma or bounds: a positive scalar or (D,) vector within ``SCALE_LIMITS``."""
+    return check_positive_vector(value, dim, name, limits=SCALE_LIMITS, why=_SCALE_WHY)
 
 
 def sum_of_squares(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:
@@ -74,7 +84,7 @@ class GaussianMeasure:
 
     def __init__(self, anchor: torch.Tensor, sigma):
         self.dim = anchor.numel()
-        self.sigma_scalar, self.sigma_vector = check_positive_vector(sigma, self.dim, "sigma")
+        self.sigma_scalar, self.sigma_vector = _check_scale(sigma, self.dim, "sigma")
         if self.sigma_scalar is not None:
             self.weights = None
             self._scale = 1.0 / self.sigma_scalar**2
@@ -131,7 +141,7 @@ class UniformMeasure:
         self.outside_reason = None
         if self.is_box:
             x = anchor.detach().reshape(-1).double()
-            scalar, vector = check_positive_vector(bounds, self.dim, "bounds")
+            scalar, vector = _check_scale(bounds, self.dim, "bounds")
             self.bounds = vector if vector is not None else torch.full((self.dim,), scalar, dtype=torch.float64)
             self.log_normalizer = -float(torch.log(2 * self.bounds).sum())
             outside = x.abs() > self.bounds
@@ -173,22 +183,36 @@ class UniformMeasure:
         return info
 
 
+def check_measure(measure: str, dim: int, *, sigma=None, bounds=None) -> None:
+    """The measure options of a run with ``dim`` parameters, checked without building the measure:
+    what an entry point calls before any expensive work (``make_measure`` checks the same)."""
+    _check_measure_pairing(measure, sigma, bounds)
+    if measure == "gaussian" and sigma is not None:
+        _check_scale(sigma, dim, "sigma")
+    if measure == "uniform" and bounds is not None:
+        _check_scale(bounds, dim, "bounds")
+
+
+def _check_measure_pairing(measure: str, sigma, bounds) -> None:
+    if not isinstance(measure, str) or measure not in ("gaussian", "uniform"):
+        raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}")
+    if measure == "gaussian" and bounds is not None:
+        raise ValueError("bounds apply to the uniform measure; pass measure='uniform' or drop bounds")
+    if measure == "uniform" and sigma is not None:
+        raise ValueError("sigma applies to the Gaussian measure; pass measure='gaussian' or drop sigma")
+
+
 def make_measure(measure: str, anchor: torch.Tensor, *, sigma=None, bounds=None):
     """Build the measure named ``measure`` ("gaussian" or "uniform") for this anchor.
 
     sigma=None for the Gaussian means the RMS of the anchor's entries (the paper recommends the
     initialization scale instead; pass it when known).
     """
+    _check_measure_pairing(measure, sigma, bounds)
     if measure == "gaussian":
-        if bounds is not None:
-            raise ValueError("bounds apply to the uniform measure; pass measure='uniform' or drop bounds")
         if sigma is None:
             sigma = math.sqrt(sum_of_squares(anchor) / anchor.numel())
             if not sigma > 0:
                 raise ValueError("the anchor is all zeros, so sigma=None (its RMS) is 0; pass sigma explicitly")
         return GaussianMeasure(anchor, sigma)
-    if measure == "uniform":
-        if sigma is not None:
-            raise ValueError("sigma applies to the Gaussian measure; pass measure='gaussian' or drop sigma")
-        return UniformMeasure(anchor, bounds)
-    raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}")
+    return UniformMeasure(anchor, bounds)

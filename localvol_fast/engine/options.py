@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 
-from localvol_fast.core.checks import check_cutoffs, check_integer, check_open_fraction, check_seed, is_cutoff_list
+from localvol_fast.core.checks import (
+    check_cutoffs, check_flag, check_integer, check_number, check_open_fraction, check_sample_count, check_seed,
+    is_cutoff_list,
+)
 
 
 @dataclass(frozen=True)
@@ -31,21 +34,23 @@ class RunOptions:
         cls, *, cutoff, n_samples, seed=0, rtol=1e-2, batch_size=None, max_evals=64, initial_radius=1.0,
         progress=False, output=None, resume=False, distributed=False,
     ) -> "RunOptions":
-        if not (isinstance(initial_radius, (int, float)) and math.isfinite(initial_radius) and initial_radius > 0):
-            raise ValueError(f"initial_radius must be a finite positive number (the first probe), got {initial_radius!r}")
+        cutoffs = tuple(check_cutoffs(cutoff))
         return cls(
-            cutoffs=tuple(check_cutoffs(cutoff)),
+            cutoffs=cutoffs,
             returns_list=is_cutoff_list(cutoff),
-            n_samples=check_integer(n_samples, "n_samples", what="number of directions"),
+            # before anything is allocated per direction: a count that cannot be held is refused here
+            n_samples=check_sample_count(n_samples, len(set(cutoffs))),
             seed=check_seed(seed),
             rtol=check_open_fraction(rtol, "rtol", "relative tolerance on |C - eps| / eps"),
             batch_size=None if batch_size is None else check_integer(batch_size, "batch_size", what="or None"),
             max_evals=check_integer(max_evals, "max_evals", what="cost evaluations per direction"),
-            initial_radius=float(initial_radius),
-            progress=bool(progress),
-            output=output,
-            resume=bool(resume),
-            distributed=bool(distributed),
+            initial_radius=check_number(
+                initial_radius, "initial_radius", minimum=0, inclusive=False, what="the first probe's radius"
+            ),
+            progress=check_flag(progress, "progress"),
+            output=_checked_output(output),
+            resume=check_flag(resume, "resume"),
+            distributed=check_flag(distributed, "distributed"),
         )
 
     @property
@@ -56,3 +61,10 @@ class RunOptions:
     def sorted_cutoffs(self) -> list[float]:
         """Distinct cutoffs, smallest first: the order they are searched in."""
         return sorted(set(self.cutoffs))
+
+
+def _checked_output(output):
+    """The journal: None or a file path (whether it can be written is found when it is opened)."""
+    if output is None or isinstance(output, (str, os.PathLike)):
+        return output
+    raise TypeError(f"output must be None or a file path for the journal (e.g. 'run.jsonl'), got {type(output).__name__}")

@@ -5,27 +5,31 @@ The perturbed parameters are the model's trainable floating-point parameters (or
 Probes are evaluated by one of the evaluators of ``costs`` (functionally, several per forward pass
 through ``vmap`` where the model allows it; a plain MLP through its factored layers; or written into
 the model's own weights for large models); the model's weights, buffers and train/eval modes are
-restored exactly afterwards, also after an exception or KeyboardInterrupt (``preservation``).
+restored exactly afterwards, also after an exception, KeyboardInterrupt or SIGTERM (``preservation``).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from localvol_fast.core.checks import check_anchor, check_choice
+from localvol_fast.core.checks import (
+    check_anchor, check_choice, check_device, check_diagonal_size, check_flag, check_integer, check_number,
+)
+from localvol_fast.core.measures import check_measure
 from localvol_fast.core.result import VolumeResult
 from localvol_fast.engine.estimator import run_estimate
+from localvol_fast.engine.journal import fingerprint_tensors
 from localvol_fast.engine.options import RunOptions
 from localvol_fast.nn.costs.anchor_cache import ANCHOR_CACHE_MODES
 from localvol_fast.nn.costs.choice import EVALUATION_MODES, default_evaluation, make_cost
-from localvol_fast.nn.data import prepare_batches
+from localvol_fast.nn.data import check_token_ids, prepare_batches
 from localvol_fast.nn.neighborhoods import make_neighborhood
 from localvol_fast.nn.parameters import ParameterLayout, check_one_device, select_parameters, skipped_parameter_note
-from localvol_fast.nn.preconditioners import resolve_preconditioner
+from localvol_fast.nn.preconditioners import PRECONDITIONER_NAMES, resolve_preconditioner
 from localvol_fast.nn.preservation import preserved_model
 from localvol_fast.ops import get_backend
 
@@ -65,18 +69,23 @@ def estimate(
 ) -> VolumeResult:
     """Estimate the local volume of ``model`` around its current weights, in nats.
 
-    data: a tensor of inputs, an (inputs, targets) pair, an iterable/DataLoader of batches, or for
-        language models a dict / BatchEncoding with input_ids and attention_mask (padding is ignored).
+    data: a tensor of inputs, an (inputs, targets) pair, an iterable/DataLoader of batches (also the
+        [inputs] lists of a DataLoader(TensorDataset(x))), or for language models a dict / BatchEncoding
+        with input_ids and attention_mask (padding is ignored). NaN/inf in floating-point inputs, a mask
+        of another shape than its ids, and token ids outside the model's vocabulary (its input embedding's
+        size, else config.vocab_size) are ValueErrors naming the batch and position, before any forward pass.
     neighborhood: "kl" (mean KL(anchor || perturbed) over examples / non-padding tokens; the anchor's
         log-probabilities are computed once) or "loss" (loss_fn(outputs, targets) - its anchor value).
     measure, sigma, bounds, seed, rtol, batch_size: as in ``estimate_volume``; sigma=None means the RMS
         of the perturbed parameters (pass the initialization scale when known, as the paper does).
     preconditioner: None, "adam" (with optimizer= a torch Adam/AdamW or its state_dict), "fisher"
         (diagonal Fisher of the output distribution at the anchor from ``fisher_passes`` backward passes
-        with labels sampled from the anchor's own predictions), or a (D,) tensor.
+        with labels sampled from the anchor's own predictions), or a (D,) torch tensor (a numpy array or
+        list is refused with a TypeError: convert it with torch.as_tensor, choosing dtype and device).
     params: names (or a predicate(name, param)) of the parameters to perturb; this sets D.
-    device: where to run (default: the model's device); the data is moved there with a note.
-    l2_reg: adds l2_reg / 2 * |theta - theta0|^2 to the cost (the reference package's ``l2_reg``).
+    device: where to run (default: the model's device), one that exists here ("meta" is refused); the
+        data is moved there with a note.
+    l2_reg: adds l2_reg / 2 * |theta - theta0|^2 to the cost (the reference package's ``l2_reg``); finite, >= 0.
     backend: the kernels of the inner loop ("auto", "reference", "cpu", "cuda", "triton"; see
         ``localvol_fast.available_backends()``); every backend gives the same directions.
     cutoff: eps, or a list of cutoffs searched together (a list of results comes back, one per cutoff).
@@ -87,19 +96,34 @@ def estimate(
         (use_vmap=False means sequential).
     anchor_cache: where the anchor's outputs are kept: "device", "cpu", "recompute" (an extra forward
         per evaluation), or "auto" (the device when they fit in the memory budget, else the CPU).
-    memory_budget: bytes the anchor cache may take on the device (default: a quarter of the free GPU
-        memory on CUDA, unlimited on the CPU). data_batch_size: rows per forward pass of a tensor input.
+    memory_budget: bytes the anchor cache may take on the device, a number > 0 (default: a quarter of the
+        free GPU memory on CUDA, unlimited on the CPU). data_batch_size: rows per forward pass of a tensor
+        input (a positive int, or None for 4096).
     output, resume: a JSON-lines journal of finished directions, and continuing the run it holds
         (see ``estimate_volume``). distributed: shard directions over torch.distributed ranks (torchrun);
         each rank must hold the same model and data (on its own device).
+    Every option is checked here (type, range, finiteness) before the model is moved or run: a bad one is
+    a TypeError or ValueError naming it and its value. sigma and bounds must lie in [1e-150, 1e150]
+    (their squares stay normal float64); n_samples must fit the machine's memory (about 256 bytes per
+    direction and cutoff) and be below 2**31.
     Returns a ``VolumeResult``; ``result.info`` holds timings, forward counts and the preconditioner's cost.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # Every option is checked here, before the model is moved or run: a bad value never costs a forward pass.
     options = RunOptions.checked(
         cutoff=cutoff, n_samples=n_samples, seed=seed, rtol=rtol, batch_size=batch_size, progress=progress,
         output=output, resume=resume, distributed=distributed,
     )
+    device = check_device(device)
+    l2_reg, memory_budget, data_batch_size = _checked_sizes(l2_reg, memory_budget, data_batch_size)
+    fisher_passes = check_integer(fisher_passes, "fisher_passes", what="backward passes for the Fisher diagonal")
+    preconditioner_exponent = check_number(
+        preconditioner_exponent, "preconditioner_exponent", minimum=0, inclusive=False, what="p_i = 1 / (v_i^exponent + eps)"
+    )
+    preconditioner_eps = check_number(preconditioner_eps, "preconditioner_eps", minimum=0, what="p_i = 1 / (v_i^exponent + eps)")
+    use_vmap = check_flag(use_vmap, "use_vmap")
+    _check_preconditioner_kind(preconditioner, optimizer)
     nb = make_neighborhood(neighborhood, loss_fn)
     if not list(model.parameters()):
         raise ValueError("the model has no parameters to perturb")
@@ -107,6 +131,9 @@ def estimate(
     check_choice(anchor_cache, ANCHOR_CACHE_MODES, "anchor_cache")
     started = time.perf_counter()
     layout = ParameterLayout(select_parameters(model, params))
+    check_measure(measure, layout.dim, sigma=sigma, bounds=bounds)  # the options that need D
+    if isinstance(preconditioner, torch.Tensor):
+        check_diagonal_size(preconditioner, layout.dim)
     if evaluation == "auto":
         evaluation = default_evaluation(model, layout, device, use_vmap)
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -129,7 +156,8 @@ def estimate(
                 preconditioner, optimizer, model, layout, cost.anchor_forward, batches,
                 exponent=preconditioner_exponent, eps=preconditioner_eps, passes=fisher_passes, seed=options.seed,
             )
-            run_info = _run_info(nb, l2_reg, model, layout, batches, cost, precond_info)
+            # Only a journal reads it: the data's fingerprint costs a pass over the data.
+            run_info = _run_info(nb, l2_reg, model, layout, batches, cost, precond_info) if output is not None else None
             result = run_estimate(
                 cost, cost.anchor, options, measure=measure, sigma=sigma, bounds=bounds, preconditioner=precond,
                 backend=ops, run_info=run_info,
@@ -155,9 +183,65 @@ def check_resolution(cost, cutoff: float) -> None:
         )
 
 
+def _checked_sizes(l2_reg, memory_budget, data_batch_size) -> tuple:
+    """l2_reg (finite, >= 0), memory_budget (None or bytes > 0), data_batch_size (None or rows > 0)."""
+    l2_reg = check_number(l2_reg, "l2_reg", minimum=0, what="the penalty l2_reg / 2 * |theta - theta0|^2")
+    if memory_budget is not None:
+        memory_budget = check_number(
+            memory_budget, "memory_budget", minimum=0, inclusive=False, what="bytes for the anchor cache on the device",
+            hint="pass a number of bytes, e.g. 2**30 for 1 GiB, or None",
+        )
+    if data_batch_size is not None:
+        data_batch_size = check_integer(data_batch_size, "data_batch_size", what="rows per forward pass, or None")
+    return l2_reg, memory_budget, data_batch_size
+
+
+def _check_preconditioner_kind(preconditioner, optimizer) -> None:
+    """preconditioner: None, a name or a torch tensor (its size is checked once D is known), and
+    optimizer= exactly with 'adam'. A numpy array or list is refused, as ``estimate_volume`` does."""
+    if isinstance(preconditioner, torch.Tensor):
+        pass
+    elif isinstance(preconditioner, str):
+        check_choice(preconditioner, PRECONDITIONER_NAMES, "preconditioner")
+    elif preconditioner is not None:
+        raise TypeError(
+            f"preconditioner must be None, 'adam', 'fisher' or a (D,) torch.Tensor, got {type(preconditioner).__name__}; "
+            "convert an array with torch.as_tensor(...)"
+        )
+    if isinstance(preconditioner, str) and preconditioner == "adam":
+        if optimizer is None:
+            raise ValueError("preconditioner='adam' needs optimizer= (a torch Adam/AdamW or its state_dict())")
+        is_state = isinstance(optimizer, Mapping) and "state" in optimizer and "param_groups" in optimizer
+        if not (isinstance(optimizer, torch.optim.Optimizer) or is_state):
+            got = f"a dict with keys {sorted(map(str, optimizer))}" if isinstance(optimizer, Mapping) else type(optimizer).__name__
+            raise TypeError(
+                "optimizer must be a torch Adam/AdamW or its state_dict() (a dict with 'state' and 'param_groups'), "
+                f"got {got}"
+            )
+    elif optimizer is not None:
+        raise ValueError("optimizer= is used by preconditioner='adam'; pass preconditioner='adam' or drop it")
+
+
+def _vocabulary_size(model) -> int | None:
+    """How many token ids the model's input embedding takes (Hugging Face models), or None if unknown."""
+    embeddings = None
+    if callable(getattr(model, "get_input_embeddings", None)):
+        try:
+            embeddings = model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            embeddings = None
+    if isinstance(embeddings, torch.nn.Embedding):
+        return embeddings.num_embeddings
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
 def _batches_and_notes(model, data, layout, data_batch_size) -> tuple[list, list[str]]:
     """The evaluation batches on the run device, and the notes for the user (data moved, parameters skipped)."""
     batches, notes = prepare_batches(data, layout.params[0].device, data_batch_size)
+    vocab = _vocabulary_size(model)
+    if vocab is not None:  # before any forward pass: an id past the embedding is an indexing error there
+        check_token_ids(batches, vocab)
     skipped = skipped_parameter_note(model)
     if skipped:
         notes.append(skipped)
@@ -166,13 +250,18 @@ def _batches_and_notes(model, data, layout, data_batch_size) -> tuple[list, list
 
 
 def _run_info(nb, l2_reg, model, layout, batches, cost, precond_info) -> dict:
-    """What, beyond the engine's own options, a resumed run must match."""
+    """What, beyond the engine's own options, a resumed run must match: the cost (neighborhood, loss,
+    penalty), the model's parameters and every tensor of the data."""
+    loss_fn = getattr(nb, "loss_fn", None)
+    loss_name = None if loss_fn is None else getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
     return {
         "neighborhood": nb.name,
+        "loss_fn": None if loss_fn is None else f"{getattr(loss_fn, '__module__', '')}.{loss_name}",
         "l2_reg": l2_reg,
         "model": type(model).__name__,
         "parameters": layout.names,
         "data_rows": [b.n_rows for b in batches],
+        "data": fingerprint_tensors([t for b in batches for t in b.tensors()]),
         "evaluation": cost.mode,
         "preconditioner_kind": precond_info["name"],
     }
