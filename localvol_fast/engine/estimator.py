@@ -17,10 +17,10 @@ import torch
 
 from localvol_fast.core.checks import check_anchor, check_diagonal_size
 from localvol_fast.core.measures import make_measure
-from localvol_fast.core.preconditioners import log_det, normalize_preconditioner
+from localvol_fast.core.preconditioners import MatrixPreconditioner, log_det, normalize_preconditioner
 from localvol_fast.core.result import VolumeResult, log_mean_exp
 from localvol_fast.core.search import search_radii
-from localvol_fast.engine.directions import DirectionBatch
+from localvol_fast.engine.directions import DenseDirectionBatch, DirectionBatch
 from localvol_fast.engine.distributed import gather, owns, process_group
 from localvol_fast.engine.evaluation import as_evaluator
 from localvol_fast.engine.journal import open_journal, tensor_checksum, tensor_fingerprint
@@ -68,7 +68,8 @@ def estimate_volume(
     measure: "gaussian" (N(0, sigma^2 I) about the origin; sigma a scalar or (D,) tensor; None means the
         RMS of the anchor - the paper recommends the initialization scale) or "uniform" (Lebesgue; with
         ``bounds`` a scalar or (D,) half-widths, the normalized uniform prior on that box).
-    preconditioner: None (isotropic) or a positive (D,) diagonal, e.g. ``adam_preconditioner(...)``.
+    preconditioner: None (isotropic), a positive (D,) diagonal, e.g. ``adam_preconditioner(...)``, or a
+        dense ``MatrixPreconditioner`` such as ``Eigenbasis(Q, scales)`` (P = Q diag(scales), D <= 16,384).
     seed: direction i is always the same vector for the same seed (any batch size or device).
     rtol: a radius is accepted when |C - eps| <= rtol * eps. initial_radius: first probe of the pilot.
     backend: "auto", "reference", "cpu", "cuda" or "triton": the kernels that generate, measure and
@@ -129,10 +130,14 @@ def run_estimate(
     return results if options.returns_list else results[0]
 
 
-def _preconditioner_on(preconditioner, anchor: torch.Tensor) -> torch.Tensor | None:
-    """The diagonal P normalized to det P = 1 on the anchor's device (None: isotropic)."""
+def _preconditioner_on(preconditioner, anchor: torch.Tensor):
+    """P normalized to det P = 1 on the anchor's device (None: isotropic): a (D,) diagonal tensor, or a
+    ``MatrixPreconditioner`` for the dense batches."""
     if preconditioner is None:
         return None
+    if isinstance(preconditioner, MatrixPreconditioner):
+        preconditioner.check_dim(anchor.numel())
+        return preconditioner.normalized().to(anchor.device)
     check_diagonal_size(preconditioner, anchor.numel())
     return normalize_preconditioner(preconditioner).to(anchor.device)
 
@@ -164,9 +169,16 @@ def _journal_config(options: RunOptions, anchor, measure_obj, precond, ops, run_
         "seed": options.seed, "cutoffs": options.sorted_cutoffs, "measure": {**measure_obj.describe(), **vectors},
         "rtol": options.rtol, "max_evals": options.max_evals, "initial_radius": options.initial_radius,
         "backend": ops.name, "anchor": tensor_fingerprint(anchor),
-        "preconditioner": None if precond is None else tensor_fingerprint(precond),
+        "preconditioner": _preconditioner_fingerprint(precond),
         **(run_info or {}),
     }
+
+
+def _preconditioner_fingerprint(precond):
+    if precond is None or isinstance(precond, torch.Tensor):
+        return None if precond is None else tensor_fingerprint(precond)
+    parts = precond.fingerprint_parts()
+    return {k: tensor_fingerprint(v) if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
 
 
 def _take_finished(journal, tracks: list[CutoffTrack], options: RunOptions) -> None:
@@ -187,11 +199,12 @@ def _run_directions(evaluator, anchor, todo, tracks, measure_obj, precond, ops, 
     to_device = lambda t: None if t is None else t.to(anchor.device)  # noqa: E731
     weights, bounds_vector = to_device(measure_obj.weights), to_device(measure_obj.bounds)
     log_det_p = log_det(precond)
+    batch_type = DenseDirectionBatch if isinstance(precond, MatrixPreconditioner) else DirectionBatch
     bar = ProgressBar(len(todo), enabled=options.progress and rank == 0)
     new_parts = {t.eps: [] for t in tracks}
     totals = {"search_rounds": 0, "seconds_evaluating": 0.0}
     for indices in direction_batches(todo, batch_size, PILOT_DIRECTIONS):
-        batch = DirectionBatch(ops, options.seed, indices, anchor, precond, weights, bounds_vector)
+        batch = batch_type(ops, options.seed, indices, anchor, precond, weights, bounds_vector)
         evaluator.start_batch(batch)
         evals = _search_batch(evaluator, batch, indices, tracks, measure_obj, options, new_parts, totals)
         if journal is not None:  # a batch is journaled only once every cutoff is done

@@ -6,7 +6,8 @@ are *written* from the kept anchor copy (not added and subtracted), so nothing d
 probes run, and ``restore_weights`` puts the anchor back exactly. Memory stays at the model, one anchor
 copy (in the parameters' own dtype), the activations of one forward pass and the anchor's cached
 outputs (on the device, on the CPU, or recomputed: ``anchor_cache``); it does not grow with the number
-of directions. One probe runs per forward pass.
+of directions. One probe runs per forward pass. A dense (non-diagonal) preconditioner has no such
+kernel; its probes come whole from the direction batch (D is small for those) and are written as they are.
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ class InPlaceModelCost(ModelCost):
         """Costs (k,) on the device; nothing in here waits for the device."""
         device = self.anchor.device
         # Host values go over before any work is queued (a copy from pageable memory may wait for it).
-        indices, scales = self.batch.probe_arguments(rows, radii)
+        if self.batch.diagonal:
+            indices, scales = self.batch.probe_arguments(rows, radii)
+            writes = [functools.partial(self._write_probe, indices[j : j + 1], scales[j : j + 1]) for j in range(rows.numel())]
+        else:  # a dense P has no kernel: its batch gives the probes (k x D, D is small), written as they are
+            points = self.batch.points(rows, radii)
+            writes = [functools.partial(self.layout.write, points[j]) for j in range(rows.numel())]
         steps = radii.to(device, torch.float64, non_blocking=True) if self.l2_reg else None
         costs = torch.empty(rows.numel(), dtype=torch.float64, device=device)
-        for j in range(rows.numel()):
-            costs[j] = self._cost_here(functools.partial(self._write_probe, indices[j : j + 1], scales[j : j + 1]))
+        for j, write in enumerate(writes):
+            costs[j] = self._cost_here(write)
         return self.with_l2_along_rays(costs, steps)

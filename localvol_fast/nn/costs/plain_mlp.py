@@ -93,6 +93,8 @@ class PlainMLPCost(FunctionalModelCost):
 
     def start_batch(self, batch) -> None:
         super().start_batch(batch)
+        if self.mode == "fused-triton" and not batch.diagonal:
+            self.mode = "mlp"  # the fused kernel generates diagonal directions only; a run has one P
         if self.mode == "fused-triton":
             return
         directions = batch.unit_vectors(self.anchor.dtype)  # (B, D) w_hat
