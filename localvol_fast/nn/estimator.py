@@ -10,6 +10,8 @@ restored exactly afterwards, also after an exception, KeyboardInterrupt or SIGTE
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -20,18 +22,22 @@ from localvol_fast.core.checks import (
     check_anchor, check_choice, check_device, check_diagonal_size, check_flag, check_integer, check_number,
 )
 from localvol_fast.core.measures import check_measure
+from localvol_fast.core.preconditioners import MatrixPreconditioner
 from localvol_fast.core.result import VolumeResult
 from localvol_fast.engine.estimator import run_estimate
 from localvol_fast.engine.journal import fingerprint_tensors
 from localvol_fast.engine.options import RunOptions
+from localvol_fast.nn.auto_eps import choose_preconditioner_eps
 from localvol_fast.nn.costs.anchor_cache import ANCHOR_CACHE_MODES
 from localvol_fast.nn.costs.choice import EVALUATION_MODES, default_evaluation, make_cost
 from localvol_fast.nn.data import check_token_ids, prepare_batches
 from localvol_fast.nn.neighborhoods import make_neighborhood
 from localvol_fast.nn.parameters import ParameterLayout, check_one_device, select_parameters, skipped_parameter_note
-from localvol_fast.nn.preconditioners import PRECONDITIONER_NAMES, resolve_preconditioner
+from localvol_fast.nn.preconditioners import PRECONDITIONER_NAMES, preconditioner_family
 from localvol_fast.nn.preservation import preserved_model
 from localvol_fast.ops import get_backend
+
+AUTO_EPS = "auto"  # preconditioner_eps: choose it on pilot directions (``auto_eps``)
 
 
 def estimate(
@@ -54,7 +60,7 @@ def estimate(
     progress: bool = True,
     device=None,
     preconditioner_exponent: float = 0.5,
-    preconditioner_eps: float = 1e-5,
+    preconditioner_eps: float | str = 1e-5,
     fisher_passes: int = 16,
     use_vmap: bool = True,
     backend: str = "auto",
@@ -82,6 +88,10 @@ def estimate(
         (diagonal Fisher of the output distribution at the anchor from ``fisher_passes`` backward passes
         with labels sampled from the anchor's own predictions), or a (D,) torch tensor (a numpy array or
         list is refused with a TypeError: convert it with torch.as_tensor, choosing dtype and device).
+    preconditioner_exponent, preconditioner_eps: p_i = 1 / (v_i^exponent + eps) of a named preconditioner.
+        preconditioner_eps="auto" picks eps from the paper's grid {1e1, ..., 1e-5} by the median estimate
+        of 64 pilot directions of another seed (``nn.auto_eps``), then estimates with fresh directions of
+        ``seed``; result.info["preconditioner"]["eps_choice"] holds the choice and the pilot's figures.
     params: names (or a predicate(name, param)) of the parameters to perturb; this sets D.
     device: where to run (default: the model's device), one that exists here ("meta" is refused); the
         data is moved there with a note.
@@ -117,13 +127,10 @@ def estimate(
     )
     device = check_device(device)
     l2_reg, memory_budget, data_batch_size = _checked_sizes(l2_reg, memory_budget, data_batch_size)
-    fisher_passes = check_integer(fisher_passes, "fisher_passes", what="backward passes for the Fisher diagonal")
-    preconditioner_exponent = check_number(
-        preconditioner_exponent, "preconditioner_exponent", minimum=0, inclusive=False, what="p_i = 1 / (v_i^exponent + eps)"
+    fisher_passes, preconditioner_exponent, preconditioner_eps = _checked_preconditioner_options(
+        preconditioner, optimizer, fisher_passes, preconditioner_exponent, preconditioner_eps
     )
-    preconditioner_eps = check_number(preconditioner_eps, "preconditioner_eps", minimum=0, what="p_i = 1 / (v_i^exponent + eps)")
     use_vmap = check_flag(use_vmap, "use_vmap")
-    _check_preconditioner_kind(preconditioner, optimizer)
     nb = make_neighborhood(neighborhood, loss_fn)
     if not list(model.parameters()):
         raise ValueError("the model has no parameters to perturb")
@@ -152,10 +159,14 @@ def estimate(
             )
             check_anchor(cost.anchor)  # before any preconditioner is computed from it
             check_resolution(cost, options.smallest_cutoff)
-            precond, precond_info = resolve_preconditioner(
+            family, precond_info = preconditioner_family(
                 preconditioner, optimizer, model, layout, cost.anchor_forward, batches,
-                exponent=preconditioner_exponent, eps=preconditioner_eps, passes=fisher_passes, seed=options.seed,
+                exponent=preconditioner_exponent, passes=fisher_passes, seed=options.seed,
             )
+            run_pilot = functools.partial(
+                _pilot_run, cost, options, ops, {"measure": measure, "sigma": sigma, "bounds": bounds}
+            )
+            precond, precond_info = _at_eps(family, precond_info, preconditioner_eps, run_pilot, options.seed)
             # Only a journal reads it: the data's fingerprint costs a pass over the data.
             run_info = _run_info(nb, l2_reg, model, layout, batches, cost, precond_info) if output is not None else None
             result = run_estimate(
@@ -183,6 +194,61 @@ def check_resolution(cost, cutoff: float) -> None:
         )
 
 
+def _checked_preconditioner_options(preconditioner, optimizer, fisher_passes, exponent, eps) -> tuple:
+    """The preconditioner's kind and its pairing with optimizer=, fisher_passes, the exponent and eps."""
+    _check_preconditioner_kind(preconditioner, optimizer)
+    fisher_passes = check_integer(fisher_passes, "fisher_passes", what="backward passes for the Fisher diagonal")
+    exponent = check_number(
+        exponent, "preconditioner_exponent", minimum=0, inclusive=False, what="p_i = 1 / (v_i^exponent + eps)"
+    )
+    return fisher_passes, exponent, _checked_preconditioner_eps(eps, preconditioner)  # eps after the kind
+
+
+def _checked_preconditioner_eps(eps, preconditioner):
+    """A number >= 0, or "auto" for a named preconditioner (a tensor or None has no eps to choose)."""
+    if isinstance(eps, str) and eps == AUTO_EPS:
+        if not isinstance(preconditioner, str):
+            kind = "None (isotropic)" if preconditioner is None else f"a {type(preconditioner).__name__}"
+            raise ValueError(
+                f"preconditioner_eps='auto' chooses the eps of a named preconditioner (e.g. 'adam', 'fisher'), "
+                f"but preconditioner is {kind}, which has no eps; pass a number or a named preconditioner"
+            )
+        return eps
+    return check_number(
+        eps, "preconditioner_eps", minimum=0, what="p_i = 1 / (v_i^exponent + eps)",
+        hint="pass a number >= 0, or 'auto' to choose it on pilot directions",
+    )
+
+
+def _at_eps(family, info: dict, eps, run_pilot, seed) -> tuple:
+    """The preconditioner at the given eps, or at the one ``choose_preconditioner_eps`` picks on pilot
+    directions (eps "auto"); the eps, the choice and the pilot's figures go into the preconditioner's info."""
+    if eps != AUTO_EPS:
+        return family(eps), info if "exponent" not in info else {**info, "eps": eps}
+    resolved = {}  # the chosen eps's preconditioner is reused for the run, not recomputed
+
+    def at(e):
+        resolved[e] = family(e)
+        return resolved[e]
+
+    chosen, choice = choose_preconditioner_eps(at, run_pilot, seed=seed)
+    return resolved[chosen], {**info, "eps": chosen, "eps_choice": choice}
+
+
+def _pilot_run(cost, options, ops, measure_options, preconditioner, n_directions, seed):
+    """A pilot estimate on the run's own cost (its anchor outputs are cached once for all runs), at the
+    smallest cutoff, without journal or progress bar: only the directions and the preconditioner differ."""
+    pilot_options = dataclasses.replace(
+        options, cutoffs=(options.smallest_cutoff,), returns_list=False, n_samples=n_directions, seed=seed,
+        output=None, resume=False, progress=False,
+    )
+    # Its warnings (e.g. "k of 64 directions unbounded") are about directions the user never asked for:
+    # they are kept as status counts in the pilot's figures instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_estimate(cost, cost.anchor, pilot_options, preconditioner=preconditioner, backend=ops, **measure_options)
+
+
 def _checked_sizes(l2_reg, memory_budget, data_batch_size) -> tuple:
     """l2_reg (finite, >= 0), memory_budget (None or bytes > 0), data_batch_size (None or rows > 0)."""
     l2_reg = check_number(l2_reg, "l2_reg", minimum=0, what="the penalty l2_reg / 2 * |theta - theta0|^2")
@@ -197,16 +263,17 @@ def _checked_sizes(l2_reg, memory_budget, data_batch_size) -> tuple:
 
 
 def _check_preconditioner_kind(preconditioner, optimizer) -> None:
-    """preconditioner: None, a name or a torch tensor (its size is checked once D is known), and
-    optimizer= exactly with 'adam'. A numpy array or list is refused, as ``estimate_volume`` does."""
-    if isinstance(preconditioner, torch.Tensor):
+    """preconditioner: None, a name, a torch tensor or a dense ``MatrixPreconditioner`` (``Eigenbasis``;
+    sizes are checked once D is known), and optimizer= exactly with 'adam'. A numpy array or list is
+    refused, as ``estimate_volume`` does."""
+    if isinstance(preconditioner, (torch.Tensor, MatrixPreconditioner)):
         pass
     elif isinstance(preconditioner, str):
         check_choice(preconditioner, PRECONDITIONER_NAMES, "preconditioner")
     elif preconditioner is not None:
         raise TypeError(
-            f"preconditioner must be None, 'adam', 'fisher' or a (D,) torch.Tensor, got {type(preconditioner).__name__}; "
-            "convert an array with torch.as_tensor(...)"
+            f"preconditioner must be None, one of {', '.join(map(repr, PRECONDITIONER_NAMES))}, an Eigenbasis or a (D,) "
+            f"torch.Tensor, got {type(preconditioner).__name__}; convert an array with torch.as_tensor(...)"
         )
     if isinstance(preconditioner, str) and preconditioner == "adam":
         if optimizer is None:

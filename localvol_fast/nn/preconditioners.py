@@ -1,5 +1,6 @@
 """The preconditioners ``estimate`` builds from a model: Adam's moments (from an optimizer or its
-``state_dict``), the diagonal Fisher, or a user's (D,) tensor (MATH.md, "Importance-sampled directions")."""
+``state_dict``), the sampled diagonal Fisher, the exact output Fisher's diagonal ("diag-h") or eigenbasis
+("hessian-eigen", small D), or a user's (D,) tensor or ``Eigenbasis`` (MATH.md, "Importance-sampled directions")."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from localvol_fast.core.preconditioners import inverse_power_preconditioner, normalize_preconditioner
+from localvol_fast.core.preconditioners import (
+    Eigenbasis, MatrixPreconditioner, check_dense_size, inverse_power_preconditioner, normalize_preconditioner,
+)
+from localvol_fast.nn.curvature import eigen_decomposition, output_fisher_diagonal, output_fisher_matrix
 from localvol_fast.nn.fisher import fisher_diagonal
+from localvol_fast.nn.hesscale import hesscale_diagonal
 
-PRECONDITIONER_NAMES = ("adam", "fisher")
+# "diag-h" and "hessian-eigen": the KL's exact Hessian at the anchor (the output Fisher), the paper's
+# diag(H) and full-Hessian rows; the second needs D small enough for a dense D x D matrix.
+PRECONDITIONER_NAMES = ("adam", "fisher", "diag-h", "hesscale", "hessian-eigen")
 
 
 def _moments_from_state(state: Mapping, key: str, where: str) -> torch.Tensor:
@@ -149,32 +156,74 @@ def selected_optimizer_state(optimizer, model, named_params):
     return {"state": state, "param_groups": [{"params": chosen}]}
 
 
-def resolve_preconditioner(preconditioner, optimizer, model, layout, forward, batches, *, exponent, eps, passes, seed):
-    """The (D,) preconditioner tensor (or None) for ``estimate``, and what it cost.
-
-    The options were checked where they entered (``estimate``): the kind, its size, the optimizer pairing.
-    """
+def preconditioner_family(preconditioner, optimizer, model, layout, forward, batches, *, exponent, passes, seed):
+    """(family, info): ``family(eps)`` is the preconditioner at that additive eps, on the run device. A
+    named preconditioner's curvature (Adam's moments, a Fisher or Hessian estimate) is computed here,
+    once, whatever eps a sweep asks for; None, a user's tensor or matrix ignore eps."""
+    device = layout.params[0].device
     if preconditioner is None:
-        return None, {"name": "isotropic"}
-    params, named_params = layout.params, list(zip(layout.names, layout.params))
+        return (lambda eps: None), {"name": "isotropic"}
     if isinstance(preconditioner, torch.Tensor):
-        return normalize_preconditioner(preconditioner), {"name": "user"}
+        return (lambda eps: normalize_preconditioner(preconditioner)), {"name": "user"}
+    if isinstance(preconditioner, MatrixPreconditioner):
+        preconditioner.check_dim(layout.dim)
+        return (lambda eps: preconditioner.normalized().to(device)), {"name": "user", "kind": type(preconditioner).__name__}
+    started = time.perf_counter()
+    info = {"name": preconditioner, "exponent": exponent}
     if preconditioner == "adam":
-        if isinstance(optimizer, torch.optim.Optimizer):
-            source = optimizer
-            missing = [n for n, p in named_params if not optimizer.state.get(p)]
-            if missing:
-                raise ValueError(
-                    f"the optimizer has no state for parameters {missing[:5]}: it optimizes other parameters "
-                    "or has not taken a step yet"
-                )
-        else:
-            source = selected_optimizer_state(optimizer, model, named_params)
-        p = adam_preconditioner(source, params=params, exponent=exponent, eps=eps)
-        return p.to(params[0].device), {"name": "adam", "exponent": exponent, "eps": eps}
-    started = time.perf_counter()  # "fisher"
-    diagonal, n_backward = fisher_diagonal(forward, layout, batches, passes=passes, seed=seed)
-    p = inverse_power_preconditioner(diagonal, exponent=exponent, eps=eps, name="fisher preconditioner")
-    info = {"name": "fisher", "exponent": exponent, "eps": eps, "backward_passes": n_backward}
+        moments = _selected_moments(optimizer, model, layout)
+        # Normalized in float64, then kept in the moments' precision (as adam_preconditioner does).
+        dtype = torch.float32 if moments.dtype == torch.float32 else torch.float64
+        name, source = "adam preconditioner", "optimizer moments"
+        family = lambda eps: inverse_power_preconditioner(  # noqa: E731
+            moments, exponent=exponent, eps=eps, name=name, source=source
+        ).to(dtype).to(device)
+    elif preconditioner in ("diag-h", "hessian-eigen"):
+        curvature = exact_curvature(preconditioner, model, layout, batches)
+        family = lambda eps: curvature_preconditioner(preconditioner, curvature, exponent=exponent, eps=eps).to(device)  # noqa: E731
+    else:
+        if preconditioner == "hesscale":
+            diagonal = hesscale_diagonal(model, layout, batches)
+        else:  # "fisher"
+            diagonal, info["backward_passes"] = fisher_diagonal(forward, layout, batches, passes=passes, seed=seed)
+        name = f"{preconditioner} preconditioner"
+        family = lambda eps: inverse_power_preconditioner(diagonal, exponent=exponent, eps=eps, name=name).to(device)  # noqa: E731
     info["seconds"] = time.perf_counter() - started
-    return p.to(params[0].device), info
+    return family, info
+
+
+def _selected_moments(optimizer, model, layout) -> torch.Tensor:
+    """Adam's second moments of the perturbed parameters, in layout order, from a live optimizer (by
+    identity) or its state_dict (matched through ``selected_optimizer_state``)."""
+    named_params = list(zip(layout.names, layout.params))
+    if isinstance(optimizer, torch.optim.Optimizer):
+        missing = [n for n, p in named_params if not optimizer.state.get(p)]
+        if missing:
+            raise ValueError(
+                f"the optimizer has no state for parameters {missing[:5]}: it optimizes other parameters "
+                "or has not taken a step yet"
+            )
+        source = optimizer
+    else:
+        source = selected_optimizer_state(optimizer, model, named_params)
+    return _adam_moments(source, layout.params, "exp_avg_sq")
+
+
+def exact_curvature(name: str, model, layout, batches):
+    """The raw curvature of "diag-h" (diag F, (D,)) or "hessian-eigen" ((lambda, Q) of F): computed once,
+    it serves every eps of a sweep through ``curvature_preconditioner``."""
+    if name == "diag-h":
+        return output_fisher_diagonal(model, layout, batches)
+    check_dense_size(layout.dim, "preconditioner='hessian-eigen'")  # before any Jacobian is computed
+    return eigen_decomposition(output_fisher_matrix(model, layout, batches))
+
+
+def curvature_preconditioner(name: str, curvature, *, exponent: float, eps: float):
+    """"diag-h": p = 1 / (diag F^exponent + eps), a (D,) tensor; "hessian-eigen": ``Eigenbasis`` of F with
+    scales 1 / (|lambda|^exponent + eps); both normalized to det P = 1."""
+    if name == "diag-h":
+        return inverse_power_preconditioner(curvature, exponent=exponent, eps=eps, name="diag-h preconditioner")
+    if not eps > 0:
+        raise ValueError(f"preconditioner='hessian-eigen' needs eps > 0 (F has zero eigenvalues), got {eps!r}")
+    values, vectors = curvature
+    return Eigenbasis(vectors, 1.0 / (values.abs().pow(exponent) + eps), check=False).normalized()  # eigh's Q
