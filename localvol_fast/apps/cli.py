@@ -64,6 +64,11 @@ def _non_negative_float(text: str) -> float:
     return _finite_float(text, zero_allowed=True)
 
 
+def _eps_or_auto(text: str) -> float | str:
+    """--preconditioner-eps: a number >= 0, or "auto" (``estimate`` chooses it on pilot directions)."""
+    return "auto" if text.strip().lower() == "auto" else _non_negative_float(text)
+
+
 def _open_fraction(text: str) -> float:
     value = _positive_float(text)
     try:
@@ -157,7 +162,10 @@ def _add_command(commands, common, name, handler, text: tuple[str, str], *, defa
 def _add_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", default="localvol_out", help="output folder (default: localvol_out/)")
     demo.add_argument("--n-samples", type=_positive_int, default=128, help="directions per method (default 128)")
-    demo.add_argument("--steps", type=_positive_int, default=500, help="training steps (default 500)")
+    demo.add_argument(
+        "--steps", type=_positive_int, default=400,
+        help="training steps of the paper's recipe (minibatches of 64; default and at most 400 = 25 epochs)",
+    )
     demo.add_argument("--cutoff", type=_positive_float, default=1e-2, help="KL cutoff eps in nats (default 1e-2)")
     demo.add_argument("--seed", type=_seed, default=0, help="training and direction seed (default 0)")
 
@@ -219,7 +227,10 @@ def _add_preconditioner_options(est: argparse.ArgumentParser) -> None:
         help="torch.save'd Adam state_dict() of the model (for --preconditioner adam)",
     )
     est.add_argument("--preconditioner-exponent", type=_positive_float, default=0.5)
-    est.add_argument("--preconditioner-eps", type=_non_negative_float, default=1e-5)
+    est.add_argument(
+        "--preconditioner-eps", type=_eps_or_auto, default=1e-5,
+        help="additive eps of p = 1/(v^exponent + eps), or 'auto': chosen on pilot directions (default 1e-5)",
+    )
     est.add_argument("--fisher-passes", type=_positive_int, default=16)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from localvol_fast.core.search import UNBOUNDED
 
-# The paper's digits figures (MATH.md): best max log-estimate over an eps sweep, nats.
+# The paper's digits table (MATH.md): best max log-estimate over its eps sweep, nats.
 PAPER_PRECONDITIONER_RANKING = {
     "diag(H)": -6578.0,
     "HesScale": -6599.0,
@@ -20,13 +20,30 @@ PAPER_PRECONDITIONER_RANKING = {
     "Adam first moment": -7705.0,
     "full Hessian": -9381.0,
 }
-# Which of our methods stands in for which of the paper's rows.
+# Which of our methods is which of the paper's rows.
 PAPER_NAME = {
+    "isotropic": "isotropic",
+    "diag-h": "diag(H)",
+    "hesscale": "HesScale",
     "adam": "Adam second moment",
     "adam-m1": "Adam first moment",
-    "fisher": "diag(H) / HesScale (diag. curvature)",
+    "hessian-eigen": "full Hessian",
 }
+# The paper's own code run on its own network (MATH.md): (nats, the eps it was reached at).
+PAPER_CODE = {
+    "adam": (-7021.0, 1e-3),
+    "adam-m1": (-7705.0, 1e-3),
+    "diag-h": (-6573.0, 1e-2),
+    "hessian-eigen": (-9416.0, 1e-1),
+}
+# Our figure "matches" the paper's when within this many nats: the seed-to-seed spread of a best-of-3,000
+# max measured in MATH.md is 200-330 nats, so a difference under ~2 such spreads is not a difference.
+MATCH_TOLERANCE = 500.0
 
+
+def paper_figure(method: str) -> float:
+    """The paper's table figure for one of our methods (nan where the paper has none)."""
+    return PAPER_PRECONDITIONER_RANKING.get(PAPER_NAME.get(method, ""), math.nan)
 
 
 def quadratic_slope(records: Sequence[dict], max_cutoff: float = 1e-3) -> float:
@@ -41,126 +58,66 @@ def quadratic_slope(records: Sequence[dict], max_cutoff: float = 1e-3) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / sxx
 
 
-def _ranking_finding(comparison: dict) -> dict:
-    """The paper's ranking of preconditioners by best max log-estimate, against ours."""
-    best = comparison["best"]
-    ours = {m: best[m]["best_max_estimate"] for m in best}
-    in_paper = [m for m in comparison["ranking"] if m in PAPER_NAME]
-    paper = {m: PAPER_PRECONDITIONER_RANKING[PAPER_NAME[m].split(" / ")[0]] for m in in_paper}
-    checks = []
-    if "adam" in ours and "adam-m1" in ours:
-        checks.append(("Adam second moment above Adam first moment", ours["adam"] > ours["adam-m1"]))
-    if "fisher" in ours and "adam" in ours:
-        checks.append(("diagonal curvature (Fisher) above Adam second moment", ours["fisher"] > ours["adam"]))
+def _ranking_finding(table: dict) -> dict:
+    """The paper's rows (best max over eps, mean over training seeds) against its figures and ordering."""
+    rows = table["rows"]
+    ours = {m: rows[m]["best_max"]["mean"] for m in rows}
+    in_paper = [m for m in table["ranking"] if math.isfinite(paper_figure(m))]
+    pairs = [("adam", "adam-m1"), ("diag-h", "adam"), ("hesscale", "adam"), ("adam-m1", "hessian-eigen")]
+    checks = [(f"{PAPER_NAME[a]} above {PAPER_NAME[b]}", ours[a] > ours[b]) for a, b in pairs if a in ours and b in ours]
     ordering_ok = all(ok for _, ok in checks)
-    # "Close" to the paper: within 15% of the paper's figure for the row ours stands in for.
-    magnitudes_ok = all(abs(ours[m] - paper[m]) <= 0.15 * abs(paper[m]) for m in in_paper)
+    close = {m: abs(ours[m] - paper_figure(m)) <= MATCH_TOLERANCE for m in in_paper}
     detail = (
-        "ordering: "
-        + (", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks) or "not checked")
-        + ". Magnitudes: "
-        + ", ".join(f"{m} {ours[m] - paper[m]:+.0f} nats from the paper's {PAPER_NAME[m]}" for m in in_paper)
-        + ". Not computed here: diag(H), HesScale and the full Hessian (the estimator takes diagonal "
-        "preconditioners; the Fisher diagonal stands in for diagonal curvature)."
+        "ordering: " + (", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks) or "not checked")
+        + ". Differences from the paper (ours - paper, mean over seeds): "
+        + ", ".join(f"{PAPER_NAME[m]} {ours[m] - paper_figure(m):+.0f}" for m in in_paper)
+        + f" nats; within {MATCH_TOLERANCE:.0f} nats (about two seed-to-seed spreads of a best-of-"
+        f"{table['n_samples']:,} max) for: {', '.join(PAPER_NAME[m] for m in in_paper if close[m]) or 'none'}."
     )
-    top = max(best, key=lambda m: best[m]["best_max_estimate"])
-    if best[top]["at_cutoff"] == max(comparison["cutoffs"]):
-        detail += (
-            f" The best figure ({top}) is reached at the largest eps of the sweep, where the volume saturates near the "
-            "prior ceiling for every direction distribution whose rays carry prior mass; the paper's figures lie "
-            "far below our ceiling, so its sweep, neighborhood or network differ from ours in a way MATH.md "
-            "does not pin down: compare orderings, not levels."
-        )
+    missing = [name for m, name in PAPER_NAME.items() if m != "isotropic" and m not in rows]
+    if missing:
+        detail += " Not run (the library does not offer them yet, or refused them): " + ", ".join(missing) + "."
+    magnitudes_ok = bool(in_paper) and all(close.values())
     return {
         "claim": "Preconditioners ranked by best max log-estimate over an eps sweep: diag(H) -6578, HesScale "
         "-6599, Adam second moment -7021, Adam first moment -7705, full Hessian -9381 nats",
-        "ours": "; ".join(f"{m} {ours[m]:.0f} (at eps {best[m]['at_cutoff']:g})" for m in comparison["ranking"]),
+        "ours": "; ".join(f"{PAPER_NAME.get(m, m)} {ours[m]:.0f}" for m in table["ranking"]),
         "verdict": {(True, True): "agrees", (False, False): "disagrees"}.get((ordering_ok, magnitudes_ok), "partly"),
         "detail": detail,
     }
 
 
-def _importance_sampling_finding(comparison: dict, main_cutoff: float) -> dict | None:
-    """Preconditioned directions against isotropic ones at the main eps (None without both)."""
-    at_main = {
-        m: r["log_volume"]
-        for m, records in comparison["sweep"].items()
-        for r in records
-        if math.isclose(r["cutoff"], main_cutoff, rel_tol=1e-9)
-    }
-    if "isotropic" not in at_main or len(at_main) < 2:
+def _importance_sampling_finding(table: dict) -> dict | None:
+    """Preconditioned rows against isotropic, by the table's figure (None without isotropic)."""
+    rows = table["rows"]
+    if "isotropic" not in rows or len(rows) < 2:
         return None
-    above = [m for m in at_main if m != "isotropic" and at_main[m] > at_main["isotropic"]]
-    below = [m for m in at_main if m != "isotropic" and m not in above]
+    base = rows["isotropic"]["best_max"]["mean"]
+    above = [m for m in rows if m != "isotropic" and rows[m]["best_max"]["mean"] > base]
+    below = [m for m in rows if m != "isotropic" and m not in above]
     return {
         "claim": "Importance-sampled (preconditioned) directions give larger estimates than isotropic ones",
-        "ours": ", ".join(f"{m} {v:.0f}" for m, v in sorted(at_main.items(), key=lambda kv: -kv[1]))
-        + f" nats at eps {main_cutoff:g}",
+        "ours": f"isotropic {base:.0f}; " + ", ".join(f"{m} {rows[m]['best_max']['mean']:.0f}" for m in rows if m != "isotropic")
+        + f" nats (best max over the eps sweep, cutoff {table['cutoff']:g})",
         "verdict": "agrees" if not below else ("partly" if above else "disagrees"),
         "detail": f"above isotropic: {', '.join(above) or 'none'}; below: {', '.join(below) or 'none'}. "
-        "The paper reports the gain for Pythia-31m (Adam, +2e7 orders of magnitude). On the digits MLP "
-        "many parameters barely move the output (weights of always-blank pixels, dead units): Adam's and "
-        "the Fisher's diagonals are ~0 there, p_i ~ 1/eps_p is huge, and most preconditioned directions "
-        "run along them and never leave the neighborhood, paying -D log|P u| in the importance weight.",
+        "At a poor eps (1e-5) the preconditioned rows fall far below isotropic: the weights of always-blank "
+        "pixels get p ~ 1/eps and take nearly all of |P u|, and -D log|P u| costs thousands of nats.",
     }
-
-
-def _higher_methods(comparison: dict, max_cutoff: float = 1e-3) -> list[str]:
-    """Methods whose estimate is above the isotropic one at every swept eps <= max_cutoff."""
-    sweep = comparison["sweep"]
-    if "isotropic" not in sweep:
-        return []
-    base = {r["cutoff"]: r["log_volume"] for r in sweep["isotropic"] if r["cutoff"] <= max_cutoff}
-    higher = []
-    for m, records in sweep.items():
-        mine = {r["cutoff"]: r["log_volume"] for r in records if r["cutoff"] in base}
-        if m != "isotropic" and mine and len(mine) == len(base) and all(mine[c] > base[c] for c in base):
-            higher.append(m)
-    return higher
-
-
-def _slope_verdict(ratio: float, comparison: dict | None, half: float) -> str:
-    if not (math.isfinite(ratio) and abs(ratio - 1) < 0.2):
-        return "disagrees"
-    # Estimates are lower-bound-like: a method above isotropic at every small eps is closer to the truth.
-    if comparison:
-        for m in _higher_methods(comparison):
-            slope = quadratic_slope(comparison["sweep"][m])
-            if math.isfinite(slope) and abs(slope / half - 1) >= 0.2:
-                return "partly"
-    return "agrees"
-
-
-def _other_slopes(comparison: dict | None, half: float) -> str:
-    if not comparison:
-        return ""
-    slopes = {m: quadratic_slope(records) for m, records in comparison["sweep"].items() if m != "isotropic"}
-    slopes = {m: v for m, v in slopes.items() if math.isfinite(v)}
-    if not slopes:
-        return ""
-    return (
-        ". Other direction distributions find other slopes over eps <= 1e-3: "
-        + ", ".join(f"{m} {v:.0f} ({v / half:.2f} D/2)" for m, v in slopes.items())
-        + ". Above isotropic at every eps <= 1e-3 (so closer to the true volume, the estimates being "
-        f"lower-bound-like): {', '.join(_higher_methods(comparison)) or 'none'}. Isotropic directions all see "
-        "about the same quadratic cost, so their estimate follows (D/2) log eps by construction; a direction "
-        "distribution that finds the flat directions (Fisher ~0, where only the prior limits the ray) grows more "
-        "slowly and sits higher: at these eps the volume itself is not in the quadratic regime"
-    )
 
 
 def paper_comparison(results: dict) -> list[dict]:
     """Each paper claim with our comparable figure and a verdict: "agrees", "disagrees" or "partly"."""
     findings = []
-    comparison = results.get("preconditioners")
-    if comparison:
-        findings.append(_ranking_finding(comparison))
-        sampling = _importance_sampling_finding(comparison, results["settings"]["cutoff"])
+    table = results.get("preconditioners")
+    if table and table["rows"]:
+        findings.append(_ranking_finding(table))
+        sampling = _importance_sampling_finding(table)
         findings += [sampling] if sampling else []
     if results.get("poisoning"):
         findings.append(_poisoning_finding(results["poisoning"]))
     if results.get("cutoff_scan"):
-        findings += [_slope_finding(results["cutoff_scan"], comparison), _ceiling_finding(results["cutoff_scan"])]
+        findings += [_slope_finding(results["cutoff_scan"]), _ceiling_finding(results["cutoff_scan"])]
     trajectory = results.get("training")
     if trajectory:
         findings += [_trajectory_finding(method, records) for method, records in trajectory["series"].items()]
@@ -183,14 +140,16 @@ def _poisoning_finding(poison: dict) -> dict:
     }
 
 
-def _slope_finding(scan: dict, comparison: dict | None) -> dict:
+def _slope_finding(scan: dict) -> dict:
     slope, half = scan["quadratic_slope"], scan["half_dim"]
     ratio = slope / half if math.isfinite(slope) else math.nan
     return {
         "claim": "Volume grows roughly like (D/2) log eps in the quadratic regime",
-        "ours": f"fitted slope {slope:.0f} nats per unit ln eps over eps <= 1e-3, D/2 = {half:.0f} (ratio {ratio:.3f})",
-        "verdict": _slope_verdict(ratio, comparison, half),
-        "detail": f"{scan['method']} directions" + _other_slopes(comparison, half),
+        "ours": f"fitted slope {slope:.0f} nats per unit ln(cutoff) over cutoffs <= 1e-3, D/2 = {half:.0f} "
+        f"(ratio {ratio:.3f})",
+        "verdict": "agrees" if math.isfinite(ratio) and abs(ratio - 1) < 0.2 else "disagrees",
+        "detail": f"{scan['method']} directions. Isotropic directions all see about the same quadratic cost near "
+        "the anchor, so their estimate follows (D/2) log eps while the cutoff is small.",
     }
 
 

@@ -1,0 +1,117 @@
+"""The paper's digits recipe (apps.digits.train_paper_digits, PaperAdam) and `localvol reproduce digits --quick`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from localvol_fast.apps.digits import (
+    PAPER_STEPS,
+    PRIOR_SIGMA,
+    PaperAdam,
+    cosine_lr,
+    paper_mlp,
+    train_paper_digits,
+)
+
+
+@pytest.fixture(scope="module")
+def paper_run():
+    return train_paper_digits(0)
+
+
+def test_paper_network_shape_and_dimension(paper_run):
+    model = paper_run.model
+    assert isinstance(model[1], torch.nn.GELU) and model[1].approximate == "tanh"
+    assert [tuple(p.shape) for p in model.parameters()] == [(64, 64), (64,), (10, 64), (10,)]
+    assert sum(p.numel() for p in model.parameters()) == 4810
+    assert paper_run.x_train.shape == (1024, 64) and paper_run.x_test.shape == (773, 64)
+    assert float(paper_run.x_train.max()) <= 1.0 and float(paper_run.x_train.min()) >= 0.0
+    assert PRIOR_SIGMA == pytest.approx(1 / math.sqrt(5e-4 * 1024))
+    # 400 minibatch steps of the 25-epoch schedule; the paper's network fits its training set.
+    assert all(paper_run.optimizer.state[p]["step"] == PAPER_STEPS == 400 for p in model.parameters())
+    assert paper_run.accuracy(paper_run.x_train, paper_run.y_train) > 0.98
+    assert paper_run.accuracy() > 0.93
+
+
+def test_init_weights_and_biases_have_variance_one_over_fan_in():
+    # Pool several seeds so each layer's sample is large enough: the std must be 1/8 (fan_in 64)
+    # for biases too (torch's default draws them uniformly with std 1/(8 sqrt 3)).
+    weights = torch.cat([paper_mlp(s)[0].weight.reshape(-1) for s in range(4)])
+    biases = torch.cat([torch.cat([paper_mlp(s)[0].bias, paper_mlp(s)[2].bias]) for s in range(40)])
+    out_weights = torch.cat([paper_mlp(s)[2].weight.reshape(-1) for s in range(10)])
+    for values in (weights.detach(), biases.detach(), out_weights.detach()):
+        assert float(values.std()) == pytest.approx(0.125, rel=0.05)
+        assert abs(float(values.mean())) < 0.01
+    assert torch.equal(paper_mlp(3)[0].weight, paper_mlp(3)[0].weight)
+
+
+def test_adam_update_has_eps_inside_the_square_root():
+    # Hand-computed: g = 1e-4 twice. Step 1: m = 1e-5, v = 1e-11, m_hat = 1e-4, v_hat = 1e-8;
+    # update = 0.05 * 1e-4 / (sqrt(1e-8 + 1e-8) + 1e-8) = 0.05 * 0.707056...; torch's Adam (eps only
+    # outside) would move by about 0.05 * 0.9999.
+    p = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = PaperAdam([p], lr=0.05, total_steps=4)
+    p.grad = torch.tensor([1e-4], dtype=torch.float64)
+    opt.step()
+    first = 0.05 * 1e-4 / (math.sqrt(2e-8) + 1e-8)
+    assert float(p.detach()) == pytest.approx(1.0 - first, rel=0, abs=1e-15)
+    # Step 2 at lr(1) = 0.05 * (1 + cos(pi / 4)) / 2; m_hat = v-corrected ratios as in Adam.
+    opt.step()
+    b1, b2 = 0.9, 0.999
+    m = (1 - b1) * 1e-4 * (1 + b1)
+    v = (1 - b2) * 1e-8 * (1 + b2)
+    m_hat, v_hat = m / (1 - b1**2), v / (1 - b2**2)
+    second = 0.05 * 0.5 * (1 + math.cos(math.pi / 4)) * m_hat / (math.sqrt(v_hat + 1e-8) + 1e-8)
+    assert float(p.detach()) == pytest.approx(1.0 - first - second, rel=0, abs=1e-15)
+    # The stored moments are the raw ones (not bias-corrected): what the paper's preconditioner reads.
+    assert float(opt.state[p]["exp_avg"]) == pytest.approx(m, rel=1e-12)
+    assert float(opt.state[p]["exp_avg_sq"]) == pytest.approx(v, rel=1e-12)
+    assert opt.state[p]["step"] == 2
+
+
+def test_cosine_schedule_runs_from_lr_to_zero():
+    assert cosine_lr(0.05, 0, 400) == 0.05
+    assert cosine_lr(0.05, 200, 400) == pytest.approx(0.025)
+    assert cosine_lr(0.05, 400, 400) == pytest.approx(0.0, abs=1e-18)
+
+
+def test_raw_moments_and_checkpoints_and_poisoning(paper_run):
+    first, second = paper_run.raw_moments()
+    assert first.shape == second.shape == (4810,) and bool((second >= 0).all())
+    early = train_paper_digits(0, stop_after=8)
+    assert early.optimizer.state[early.model[0].weight]["step"] == 8
+    poisoned = train_paper_digits(0, poison_fraction=0.4, stop_after=8)
+    assert float((poisoned.y_train != early.y_train).float().mean()) == pytest.approx(0.4, abs=0.002)
+    # Seeded: the same seed gives the same network bit for bit.
+    again = train_paper_digits(0, stop_after=8)
+    assert all(torch.equal(a, b) for a, b in zip(early.model.parameters(), again.model.parameters()))
+
+
+def test_reproduce_digits_quick_writes_the_paper_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    from localvol_fast.apps.reproduce import reproduce_digits
+
+    results = reproduce_digits(tmp_path, quick=True, progress=False)
+    report = (tmp_path / "report.md").read_text()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["settings"]["table_methods"] == results["settings"]["table_methods"]
+    # One table with the paper's row names and figures beside ours.
+    for name, figure in (("Adam second moment", "-7021"), ("Adam first moment", "-7705"), ("isotropic", "")):
+        line = next(row for row in report.splitlines() if row.startswith(f"| {name} |"))
+        assert figure in line
+    table = saved["preconditioners"]
+    assert table["cutoff"] == 0.01 and table["seeds"] == [0]
+    assert set(table["rows"]) | set(table["skipped"]) == set(results["settings"]["table_methods"])
+    adam = table["rows"]["adam"]["per_seed"]["0"]
+    assert [r["preconditioner_eps"] for r in adam["sweep"]] == table["eps_grid"]
+    assert adam["best_max"] == max(r["max_estimate"] for r in adam["sweep"])
+    # The paper's finding at a good eps: Adam directions above isotropic ones.
+    assert table["rows"]["adam"]["best_max"]["mean"] > table["rows"]["isotropic"]["best_max"]["mean"]
+    assert {"training", "poisoning", "cutoff_scan", "paper_comparison"} <= set(saved)
+    assert all(f["verdict"] in ("agrees", "disagrees", "partly") for f in saved["paper_comparison"])
