@@ -1,9 +1,10 @@
-"""Diagonal preconditioners P for importance-sampled directions (MATH.md, "Importance-sampled directions").
+"""Preconditioners P for importance-sampled directions (MATH.md, "Importance-sampled directions").
 
 Directions are w = P u with u uniform on the sphere; the estimator corrects for the changed density
-with -D log|w| + log det P. Every preconditioner here is a positive (D,) tensor normalized to
-det P = 1 (mean of log p_i = 0), so that the last term is (up to rounding) zero; the estimator still
-adds the exact log det of the tensor it uses.
+with -D log|w| + log det P. A diagonal P is a positive (D,) tensor, a dense one a
+``MatrixPreconditioner`` (``Eigenbasis``: P = Q diag(scales), small D); both are normalized to det P = 1
+(mean log of the diagonal or of the scales = 0), so that the last term is (up to rounding) zero; the
+estimator still adds the exact log det of what it uses.
 """
 
 from __future__ import annotations

@@ -175,8 +175,10 @@ def _journal_config(options: RunOptions, anchor, measure_obj, precond, ops, run_
 
 
 def _preconditioner_fingerprint(precond):
-    if precond is None or isinstance(precond, torch.Tensor):
-        return None if precond is None else tensor_fingerprint(precond)
+    if precond is None:
+        return None
+    if isinstance(precond, torch.Tensor):
+        return tensor_fingerprint(precond)
     parts = precond.fingerprint_parts()
     return {k: tensor_fingerprint(v) if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
 

@@ -90,15 +90,22 @@ def output_fisher_matrix(model, layout, batches) -> torch.Tensor:
 
 
 def fisher_eigenbasis(model, layout, batches, *, exponent: float = 0.5, eps: float = 1e-5) -> Eigenbasis:
-    """The paper's full-Hessian preconditioner: F = Q diag(lambda) Q^T, P = Q diag(1 / (lambda^exponent + eps)).
+    """The paper's full-Hessian preconditioner of the output Fisher F (``spectrum_eigenbasis``).
+
+    Not normalized (``estimate`` normalizes every preconditioner to det P = 1).
+    """
+    values, vectors = eigen_decomposition(output_fisher_matrix(model, layout, batches))
+    return spectrum_eigenbasis(values, vectors, exponent=exponent, eps=eps)
+
+
+def spectrum_eigenbasis(values: torch.Tensor, vectors: torch.Tensor, *, exponent: float, eps: float) -> Eigenbasis:
+    """F = Q diag(lambda) Q^T -> P = Q diag(1 / (|lambda|^exponent + eps)), not normalized.
 
     Eigenvalues below zero are rounding (F is positive semi-definite) and are taken as their magnitude,
     as the diagonal preconditioners take |v|; eps > 0 keeps the flat directions' scales finite.
-    Not normalized (``estimate`` normalizes every preconditioner to det P = 1).
     """
     if not eps > 0:
         raise ValueError(f"eps must be > 0 for the eigenbasis (F has zero eigenvalues), got {eps!r}")
-    values, vectors = eigen_decomposition(output_fisher_matrix(model, layout, batches))
     return Eigenbasis(vectors, 1.0 / (values.abs().pow(exponent) + eps), check=False)  # eigh's Q is orthonormal
 
 

@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from localvol_fast.core.preconditioners import (
-    Eigenbasis, MatrixPreconditioner, check_dense_size, inverse_power_preconditioner, normalize_preconditioner,
+    MatrixPreconditioner, check_dense_size, inverse_power_preconditioner, normalize_preconditioner,
 )
-from localvol_fast.nn.curvature import eigen_decomposition, output_fisher_diagonal, output_fisher_matrix
+from localvol_fast.nn.curvature import eigen_decomposition, output_fisher_diagonal, output_fisher_matrix, spectrum_eigenbasis
 from localvol_fast.nn.fisher import fisher_diagonal
 from localvol_fast.nn.hesscale import hesscale_diagonal
 
@@ -172,12 +172,7 @@ def preconditioner_family(preconditioner, optimizer, model, layout, forward, bat
     info = {"name": preconditioner, "exponent": exponent}
     if preconditioner == "adam":
         moments = _selected_moments(optimizer, model, layout)
-        # Normalized in float64, then kept in the moments' precision (as adam_preconditioner does).
-        dtype = torch.float32 if moments.dtype == torch.float32 else torch.float64
-        name, source = "adam preconditioner", "optimizer moments"
-        family = lambda eps: inverse_power_preconditioner(  # noqa: E731
-            moments, exponent=exponent, eps=eps, name=name, source=source
-        ).to(dtype).to(device)
+        family = lambda eps: adam_preconditioner(moments, exponent=exponent, eps=eps).to(device)  # noqa: E731
     elif preconditioner in ("diag-h", "hessian-eigen"):
         curvature = exact_curvature(preconditioner, model, layout, batches)
         family = lambda eps: curvature_preconditioner(preconditioner, curvature, exponent=exponent, eps=eps).to(device)  # noqa: E731
@@ -223,7 +218,5 @@ def curvature_preconditioner(name: str, curvature, *, exponent: float, eps: floa
     scales 1 / (|lambda|^exponent + eps); both normalized to det P = 1."""
     if name == "diag-h":
         return inverse_power_preconditioner(curvature, exponent=exponent, eps=eps, name="diag-h preconditioner")
-    if not eps > 0:
-        raise ValueError(f"preconditioner='hessian-eigen' needs eps > 0 (F has zero eigenvalues), got {eps!r}")
     values, vectors = curvature
-    return Eigenbasis(vectors, 1.0 / (values.abs().pow(exponent) + eps), check=False).normalized()  # eigh's Q
+    return spectrum_eigenbasis(values, vectors, exponent=exponent, eps=eps).normalized()
