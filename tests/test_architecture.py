@@ -14,7 +14,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "localvol_fast"
-LAYERS = ("core", "ops", "engine", "nn", "compat", "apps")
+# ``integrations`` (training-loop hooks, an optional third-party base class) sits above the library and
+# below the programs: the package root never imports it, and ``apps`` may.
+LAYERS = ("core", "ops", "engine", "nn", "compat", "integrations", "apps")
 # The package root (the public names) sits above the library layers and below the programs; its
 # ``__main__`` runs the command line.
 ROOT_RANK, MAIN_RANK = LAYERS.index("compat") + 0.5, len(LAYERS)
