@@ -115,6 +115,11 @@ def test_reproduce_digits_quick_writes_the_paper_table(tmp_path):
     assert table["rows"]["adam"]["best_max"]["mean"] > table["rows"]["isotropic"]["best_max"]["mean"]
     assert {"training", "poisoning", "cutoff_scan", "paper_comparison"} <= set(saved)
     assert all(f["verdict"] in ("agrees", "disagrees", "partly") for f in saved["paper_comparison"])
+    # The KL cutoff (1e-2) and the preconditioner eps are never both called "eps".
+    import re
+
+    assert not re.search(r"(?<!preconditioner )(?<!p-)\beps 0\.01\b", report)
+    assert "KL cutoff 0.01, Adam preconditioner eps 0.001" in report
 
 
 
@@ -141,3 +146,106 @@ def test_the_full_hessian_row_decomposes_each_network_once(monkeypatch):
     dim = sum(p.numel() for p in model.parameters())
     assert all(isinstance(b, Eigenbasis) and b.dim == dim for b in bases.values())
     assert not torch.equal(bases[1e-1].scales, bases[1e-3].scales)  # rescaled for each eps
+
+
+def test_flax_ravel_index_is_the_papers_parameter_order():
+    """The paper's flat vector (flax ``ravel_pytree``): per Dense layer its bias, then its kernel (in, out)
+    row-major; ours: weight (out, in) then bias. Expected indices written out by hand."""
+    from localvol_fast.apps.reproduce.experiments import flax_ravel_index
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 4))
+    # flax: b0 -> 0, 1; K0[i, o] -> 2 + 2 i + o; b1 -> 8..11; K1[i, o] -> 12 + 4 i + o.
+    expected = [2, 4, 6, 3, 5, 7] + [0, 1] + [12, 16, 13, 17, 14, 18, 15, 19] + [8, 9, 10, 11]
+    assert flax_ravel_index(model).tolist() == expected
+    with pytest.raises(ValueError, match="nn.Linear"):
+        flax_ravel_index(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2)))
+
+
+def test_paper_code_full_hessian_is_a_diagonal_of_sorted_eigenvalue_scales(monkeypatch):
+    """The paper's full-Hessian row as its code applies it: the one eigendecomposition shared with ours,
+    p = 1/(|lambda|^0.5 + eps) in ascending-eigenvalue order placed on the paper's flat order, det P = 1."""
+    from types import SimpleNamespace
+
+    from localvol_fast.apps.reproduce import experiments
+    from localvol_fast.nn.curvature import output_fisher_matrix
+    from localvol_fast.nn.parameters import ParameterLayout
+    from localvol_fast.nn.preconditioners import exact_curvature
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3)).double()
+    run = SimpleNamespace(model=model, x_train=torch.randn(16, 4, dtype=torch.float64))
+    calls = []
+    monkeypatch.setattr(experiments, "exact_curvature", lambda *a: calls.append(a[0]) or exact_curvature(*a))
+    eps = 1e-2
+    diagonal = experiments.method_options(run, "hessian-paper-code", eps)["preconditioner"]
+    experiments.method_options(run, "hessian-eigen", eps)
+    assert calls == ["hessian-eigen"]  # both rows read one decomposition
+    # Ground truth from an independent eigh of the Fisher matrix.
+    fisher = output_fisher_matrix(model, ParameterLayout(model.named_parameters()), run.x_train)
+    values = torch.linalg.eigvalsh(fisher)
+    p = 1 / (values.abs().sqrt() + eps)
+    p = p / torch.exp(torch.log(p).mean())
+    assert diagonal.shape == (27,) and float(torch.log(diagonal).mean()) == pytest.approx(0.0, abs=1e-12)
+    flax_order = torch.empty_like(diagonal)
+    flax_order[experiments.flax_ravel_index(model)] = diagonal
+    assert torch.allclose(flax_order, p, rtol=1e-6, atol=0)
+
+
+def test_the_papers_unrotated_map_is_distributed_as_a_diagonal():
+    """Why the paper's full-Hessian row is a diagonal: u @ (Q diag p) = diag(p) Q^T u has E[w_j^2] = p_j^2 / D
+    for any orthogonal Q (as diag(p) u has), while the rotated Q diag(p) u has (Q diag(p^2) Q^T)_jj / D."""
+    gen = torch.Generator().manual_seed(0)
+    dim, n = 4, 200_000
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    p = torch.tensor([4.0, 1.0, 0.5, 0.5], dtype=torch.float64)
+    u = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    paper = torch.einsum("bi,ij->bj", u, q * p)  # the paper's einsum('...i,ij->...j', x, evecs * p)
+    rotated = (u * p) @ q.T
+    assert torch.allclose(dim * paper.pow(2).mean(0), p**2, rtol=0.02)
+    assert torch.allclose(dim * rotated.pow(2).mean(0), torch.diag(q @ torch.diag(p**2) @ q.T), rtol=0.02)
+    assert not torch.allclose(dim * rotated.pow(2).mean(0), p**2, rtol=0.1)
+
+
+def _fake_row(best: float, sd: float, eps: float) -> dict:
+    sweep = [{"max_estimate": best, "log_volume": best - 8.0, "preconditioner_eps": eps}]
+    per_seed = {"0": {"sweep": sweep, "best_max": best, "best_eps": eps, "log_volume_at_best": best - 8.0}}
+    spread = {"mean": best, "sd": sd, "min": best, "max": best, "n": 1}
+    return {"per_seed": per_seed, "best_max": spread, "log_volume_at_best": {**spread, "mean": best - 8.0}}
+
+
+def test_report_explains_the_full_hessian_row_with_its_figures():
+    from localvol_fast.apps.reproduce.report import PAPER_CODE_HESSIAN_MEASURED, _table_section
+
+    rows = {"isotropic": _fake_row(-9547.0, 0.0, None), "hessian-eigen": _fake_row(-6207.0, 0.0, 1e-2)}
+    table = {"seeds": [0], "cutoff": 1e-2, "eps_grid": [1e-2], "n_samples": 3000, "rows": rows, "skipped": {}}
+    text = "\n".join(_table_section(table))
+    assert "diag(p) Q^T u" in text and "ours -6207 nats" in text and "-9,381" in text
+    assert f"{PAPER_CODE_HESSIAN_MEASURED['mean']:.0f} ± {PAPER_CODE_HESSIAN_MEASURED['sd']:.0f} nats over training seeds" in text
+    assert "measured once" in text
+    rows["hessian-paper-code"] = _fake_row(-9312.0, 41.0, 1e-1)
+    text = "\n".join(_table_section(table))
+    assert "-9312 ± 41 nats over 1 seed(s)" in text and "measured once" not in text
+    row = next(r for r in text.splitlines() if r.startswith("| full Hessian, as the paper's code applies it |"))
+    assert "| -9381 | -9416 (0.1) | -9312 ± 41 |" in row
+
+
+def test_poisoning_and_training_name_the_kl_cutoff_and_the_preconditioner_eps_apart():
+    import re
+
+    from localvol_fast.apps.reproduce.report import _poisoning_lines, _training_lines
+    from localvol_fast.apps.reproduce.verdicts import _poisoning_finding
+
+    run = {"kind": "clean", "seed": 0, "method": "adam", "train_accuracy": 1.0, "test_accuracy": 0.9,
+           "log_volume": -7500.0, "interval": [-7600.0, -7400.0], "effective_sample_size": 1.0}
+    poison = {"cutoff": 1e-2, "preconditioner_eps": 1e-3, "poison_fraction": 0.4,
+              "runs": [run, {**run, "kind": "poisoned", "log_volume": -9000.0}],
+              "means": {"adam": {"clean": -7500.0, "poisoned": -9000.0}}}
+    finding = _poisoning_finding(poison)
+    assert "KL cutoff 0.01" in finding["ours"] and "preconditioner eps 0.001" in finding["ours"]
+    title = _poisoning_lines(poison)[0]
+    assert "KL cutoff 0.01" in title and "Adam preconditioner eps 0.001" in title
+    traj = {"cutoff": 1e-2, "preconditioner_eps": 1e-3, "series": {"adam": [{"step": 1, "test_accuracy": 0.5, "log_volume": -1.0}]}}
+    assert "KL cutoff 0.01, Adam preconditioner eps 0.001" in _training_lines(traj)[0]
+    bare_eps = re.compile(r"(?<!preconditioner )(?<!p-)\beps 0\.01\b")
+    assert not any(bare_eps.search(t) for t in [finding["ours"], title, _training_lines(traj)[0]])

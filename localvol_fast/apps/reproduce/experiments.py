@@ -10,7 +10,11 @@ Direction distributions ("methods"; p = 1 / (|s|^0.5 + eps) normalized to det P 
 preconditioner's additive eps, NOT the KL cutoff): ``isotropic``; ``adam`` (s = Adam's raw second
 moment); ``adam-m1`` (|raw first moment|); ``diag-h`` (the exact diagonal of the KL's Hessian at the
 anchor, i.e. of the output Fisher); ``hesscale`` (Elsayed & Mahmood 2022); ``hessian-eigen`` (the full
-Hessian's eigenbasis); ``fisher`` (the sampled Fisher diagonal, 16 passes: not in the paper's table).
+Hessian's eigenbasis, P = Q diag(p): directions rotated back into parameter space);
+``hessian-paper-code`` (the same eigenvalues as the paper's code applies them: it never rotates back, so
+its directions are diag(p) Q^T u, distributed as diag(p) u: a diagonal preconditioner that gives flat
+parameter j, in JAX's ravel order, the scale of the j-th smallest eigenvalue; ``paper_code_hessian_diagonal``);
+``fisher`` (the sampled Fisher diagonal, 16 passes: not in the paper's table).
 A method the library refuses at run time (e.g. hessian-eigen above its size limit) is listed as skipped.
 
 The preconditioner table follows the paper: cutoff FIXED at 1e-2, eps swept over
@@ -40,6 +44,7 @@ from localvol_fast.apps.digits import (
 )
 from localvol_fast.apps.reproduce.report import write_plots, write_report
 from localvol_fast.apps.reproduce.verdicts import paper_comparison, quadratic_slope
+from localvol_fast.core.preconditioners import inverse_power_preconditioner
 from localvol_fast.core.result import VolumeResult
 from localvol_fast.engine.progress import ProgressBar
 from localvol_fast.nn.estimator import estimate
@@ -47,7 +52,7 @@ from localvol_fast.nn.parameters import ParameterLayout
 from localvol_fast.nn.preconditioners import adam_preconditioner, curvature_preconditioner, exact_curvature
 
 # Table rows in the paper's order (isotropic first), then ours; each with the library name it needs.
-METHODS = ("isotropic", "diag-h", "hesscale", "adam", "adam-m1", "hessian-eigen", "fisher")
+METHODS = ("isotropic", "diag-h", "hesscale", "adam", "adam-m1", "hessian-eigen", "hessian-paper-code", "fisher")
 LIBRARY_NAME = {"adam": "adam", "diag-h": "diag-h", "hesscale": "hesscale", "hessian-eigen": "hessian-eigen", "fisher": "fisher"}
 EPS_GRID = (1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)  # the paper's sweep of the preconditioner eps
 DIRECTION_SEED = 42  # the paper's seed for its directions
@@ -121,6 +126,8 @@ def method_options(run: TrainedDigits, method: str, eps=GOOD_ADAM_EPS) -> dict:
         return {"preconditioner": adam_preconditioner(run.optimizer, moment=1, eps=eps)}
     if method == "hessian-eigen":
         return {"preconditioner": hessian_eigenbasis(run, eps)}
+    if method == "hessian-paper-code":
+        return {"preconditioner": paper_code_hessian_diagonal(run, eps)}
     if method in LIBRARY_NAME:
         return {"preconditioner": LIBRARY_NAME[method], "preconditioner_eps": eps}
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -129,15 +136,63 @@ def method_options(run: TrainedDigits, method: str, eps=GOOD_ADAM_EPS) -> dict:
 _HESSIAN_EIGEN: dict[int, tuple] = {}
 
 
-def hessian_eigenbasis(run: TrainedDigits, eps: float):
-    """The full-Hessian row's preconditioner at ``eps``: the output Fisher's eigendecomposition (minutes at
-    D = 4,810) is computed once per network and only rescaled for each eps of the sweep."""
+def output_fisher_eigen(run: TrainedDigits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lambda (D,) ascending, Q (D, D)) of the output Fisher F, the KL's exact Hessian at the anchor on
+    the training inputs; computed once per network (minutes at D = 4,810) for both full-Hessian rows."""
     cached = _HESSIAN_EIGEN.get(id(run.model))
     if cached is None or cached[0] is not run.model:
         layout = ParameterLayout(run.model.named_parameters())
         cached = (run.model, exact_curvature("hessian-eigen", run.model, layout, run.x_train))
         _HESSIAN_EIGEN[id(run.model)] = cached
-    return curvature_preconditioner("hessian-eigen", cached[1], exponent=0.5, eps=eps)
+    return cached[1]
+
+
+def hessian_eigenbasis(run: TrainedDigits, eps: float):
+    """The full-Hessian row's preconditioner at ``eps``: P = Q diag(1 / (|lambda|^0.5 + eps)), det P = 1,
+    from the one eigendecomposition of ``output_fisher_eigen``, only rescaled for each eps of the sweep."""
+    return curvature_preconditioner("hessian-eigen", output_fisher_eigen(run), exponent=0.5, eps=eps)
+
+
+def paper_code_hessian_diagonal(run: TrainedDigits, eps: float) -> torch.Tensor:
+    """The paper's full-Hessian row as its code computes it: a (D,) float64 diagonal, det P = 1.
+
+    The paper's code (basin-volume, ``matrix_preconditioner``) maps a unit row u to u @ (Q diag(p)) =
+    diag(p) Q^T u with p_j = 1 / (|lambda_j|^0.5 + eps), lambda ascending (``eigh``): the eigen-coordinates
+    are never rotated back by Q. Q^T u is uniform on the sphere when u is, so these directions are
+    distributed exactly as diag(p) u: the j-th smallest eigenvalue's scale lands on flat parameter j of
+    JAX's ravel order (``flax_ravel_index``), whatever that parameter is. Returned in our layout's order.
+    """
+    values, _ = output_fisher_eigen(run)
+    p = inverse_power_preconditioner(values, exponent=0.5, eps=eps, name="paper-code full-Hessian preconditioner")
+    return p[flax_ravel_index(run.model)]
+
+
+def flax_ravel_index(model: torch.nn.Module) -> torch.Tensor:
+    """For each entry of ``ParameterLayout(model)``'s flat vector, its index in the paper's flat vector.
+
+    The paper's MLP is flax ``Dense`` layers named Dense_0, Dense_1, ..., raveled by ``ravel_pytree``:
+    layer names in sorted (string) order, in each layer its bias, then its kernel (in, out) row-major,
+    i.e. our weight (out, in) transposed. Returns a (D,) int64 tensor; raises for a model whose
+    parameters are not exactly those of its ``nn.Linear`` layers.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    flax_index, offset = {}, 0
+    for name in sorted(f"Dense_{k}" for k in range(len(linears))):
+        layer = linears[int(name.split("_")[1])]
+        if layer.bias is not None:
+            flax_index[id(layer.bias)] = torch.arange(offset, offset + layer.out_features)
+            offset += layer.out_features
+        kernel = torch.arange(offset, offset + layer.weight.numel()).reshape(layer.in_features, layer.out_features)
+        flax_index[id(layer.weight)] = kernel.T  # kernel[i, o] is weight[o, i]
+        offset += layer.weight.numel()
+    layout = ParameterLayout(model.named_parameters())
+    extra = [n for n, p in zip(layout.names, layout.params) if id(p) not in flax_index]
+    if extra or offset != layout.dim:
+        raise ValueError(
+            f"the paper's ravel order is defined for a stack of nn.Linear layers only; parameters {extra} of "
+            f"this model are not nn.Linear weights or biases. Use preconditioner 'hessian-eigen' instead"
+        )
+    return torch.cat([flax_index[id(p)].reshape(-1) for p in layout.params])
 
 
 def record_of(result: VolumeResult, *, keep_estimates: bool = True, **extra) -> dict:
