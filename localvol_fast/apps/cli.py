@@ -1,7 +1,7 @@
 """The ``localvol`` command line: ``demo``, ``reproduce digits`` and ``estimate``.
 
     localvol demo [--out DIR] [--n-samples N] [--steps S] [--quiet]
-    localvol reproduce digits [--out DIR] [--quick] [--quiet]
+    localvol reproduce digits|lm|poisoning [--out DIR] [--quick] [--quiet]
     localvol estimate (--model DIR | --factory module:function) [--data FILE] [options] --out result.json
 
 Exit codes: 0 success; 2 bad usage or input (a message on stderr, no traceback); 1 a runtime failure
@@ -11,7 +11,8 @@ only turn options into calls and results into output.
 
 Files written:
 - ``demo``: ``demo.json`` and ``demo.png`` (see ``apps.demo``).
-- ``reproduce digits``: ``report.md``, ``results.json`` and PNG plots (see ``apps.reproduce``).
+- ``reproduce digits|lm|poisoning``: ``report.md``, ``results.json`` and PNG plots (see ``apps.reproduce``);
+  ``lm`` and ``poisoning`` resume an interrupted run from the files already in ``--out``.
 - ``estimate``: the ``VolumeResult`` as JSON (``VolumeResult.load(path)``). ``--out`` and ``--journal``
   are checked writable before the model is loaded; if writing ``--out`` still fails at the end, the
   result goes to a fallback file (next to the journal, else in the current folder), the path is printed
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from localvol_fast import __version__
 from localvol_fast.apps.demo import demo_headline, format_table, require_demo_extras, run_demo
 from localvol_fast.apps.loaders import UsageError, default_loss, load_factory, load_hf_inputs
-from localvol_fast.apps.reproduce import reproduce_digits
+from localvol_fast.apps.reproduce import reproduce_digits, reproduce_lm, reproduce_poisoning
 from localvol_fast.core.checks import check_device, check_integer, check_open_fraction, check_seed
 from localvol_fast.core.search import INTEGRATED_EXACTLY, UNBOUNDED, status_counts_text
 from localvol_fast.nn.estimator import estimate
@@ -171,11 +172,18 @@ def _add_demo(demo: argparse.ArgumentParser) -> None:
 
 
 def _add_reproduce(reproduce: argparse.ArgumentParser) -> None:
-    reproduce.add_argument("experiment", choices=["digits"], help="which experiments (digits: the paper's MLP)")
-    reproduce.add_argument("--out", default=None, help="output folder (default: localvol_out/reproduce_digits)")
-    reproduce.add_argument("--quick", action="store_true", help="small sizes, about a minute (noisy)")
+    reproduce.add_argument(
+        "experiment", choices=sorted(EXPERIMENTS),
+        help="which experiments (digits: the paper's MLP table; lm: a small GPT-NeoX trained on the Python standard "
+        "library's sources, volume over training; poisoning: a small CNN on the digits images, clean vs poisoned)",
+    )
+    reproduce.add_argument("--out", default=None, help="output folder (default: localvol_out/reproduce_EXPERIMENT)")
+    reproduce.add_argument("--quick", action="store_true", help="small sizes, a minute or two (noisy)")
     reproduce.add_argument("--n-samples", type=_positive_int, default=None, help="directions per estimate")
-    reproduce.add_argument("--seed", type=_seed, default=0)
+    reproduce.add_argument(
+        "--seed", type=_seed, default=None,
+        help="training seed (default 0; for poisoning, default: its three seeds 0, 1, 2)",
+    )
 
 
 def _add_estimate(est: argparse.ArgumentParser) -> None:
@@ -389,15 +397,28 @@ def command_demo(args) -> int:
 def command_reproduce(args) -> int:
     require_demo_extras()
     out = _output_dir(args.out or os.path.join("localvol_out", f"reproduce_{args.experiment}"))
-    _say(args, f"reproducing the paper's digits experiments ({'quick' if args.quick else 'default'} sizes) into {out}")
-    results = reproduce_digits(out, quick=args.quick, n_samples=args.n_samples, seed=args.seed, progress=not args.quiet)
+    run, what = EXPERIMENTS[args.experiment]
+    _say(args, f"reproducing {what} ({'quick' if args.quick else 'default'} sizes) into {out}")
+    options = {"quick": args.quick, "n_samples": args.n_samples, "progress": not args.quiet}
+    if args.experiment == "poisoning":
+        options["seeds"] = None if args.seed is None else [args.seed]
+    else:
+        options["seed"] = 0 if args.seed is None else args.seed
+    results = run(out, **options)
     print(f"comparison with the paper (details in {out / 'report.md'}):")
-    for finding in results["paper_comparison"]:
+    for finding in results["paper_comparison"]:  # every experiment gives {claim, verdict, ours} entries
         print(f"  {finding['verdict'].upper():9s} {finding['claim']}")
         print(f"            ours: {finding['ours']}")
-    plots = f"{len(results['plots'])} plots ({results['seconds']:.1f} s)"
-    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and {plots}")
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and the plots")
     return EXIT_OK
+
+
+# experiment name -> (its entry point, how the progress line names it)
+EXPERIMENTS = {
+    "digits": (reproduce_digits, "the paper's digits experiments"),
+    "lm": (reproduce_lm, "the paper's language-model findings on a small GPT-NeoX"),
+    "poisoning": (reproduce_poisoning, "the paper's poisoning finding on a small CNN"),
+}
 
 
 # ----- estimate ---------------------------------------------------------------------------------

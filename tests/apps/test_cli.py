@@ -79,6 +79,28 @@ def test_demo_quiet_hides_progress(tmp_path, capsys):
 
 
 # ----- reproduce --------------------------------------------------------------------------------
+@pytest.mark.parametrize("experiment", ["lm", "poisoning"])
+def test_reproduce_lm_and_poisoning_dispatch_their_options(experiment, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    calls = []
+
+    def fake(out, **options):
+        calls.append((out, options, torch.get_num_threads()))
+        return {"paper_comparison": [{"claim": f"{experiment} claim", "verdict": "holds", "ours": "our figure"}]}
+
+    monkeypatch.setitem(cli.EXPERIMENTS, experiment, (fake, experiment))
+    args = ["reproduce", experiment, "--quick", "--out", str(tmp_path), "--quiet", "--seed", "3", "--n-samples", "8"]
+    assert cli.main(args) == 0
+    out, options, threads = calls[0]
+    assert out == tmp_path and options["quick"] is True and options["n_samples"] == 8 and options["progress"] is False
+    assert (options["seeds"] == [3]) if experiment == "poisoning" else (options["seed"] == 3)
+    assert threads == 1  # reproduce runs with one torch thread unless --threads says otherwise
+    printed = capsys.readouterr().out
+    assert "HOLDS" in printed and f"{experiment} claim" in printed and "ours: our figure" in printed
+    assert cli.main(["reproduce", experiment, "--quick", "--out", str(tmp_path), "--quiet"]) == 0
+    assert ("seeds" in calls[1][1] and calls[1][1]["seeds"] is None) or calls[1][1]["seed"] == 0
+
+
 def test_reproduce_digits_quick(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
