@@ -17,12 +17,7 @@ import torch
 
 from localvol_fast.core.checks import check_integer, check_open_fraction, check_seed
 from localvol_fast.core.result import VolumeResult, log_mean_exp
-
-# Two-sided 97.5% quantiles of Student's t for the replicate interval (df = 1..30; above that, normal).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
+from localvol_fast.core.statistics import t_quantile
 
 @dataclass(frozen=True)
 class VolumeDifference:
@@ -113,7 +108,6 @@ def paired_replicate_difference(
         raise ValueError(f"the replicate interval is given at level 0.95 only, got {level!r}")
     diffs = da - db
     r = diffs.numel()
-    t = _T975[r - 2] if r - 1 <= len(_T975) else 1.96
-    half = t * float(diffs.std()) / math.sqrt(r)
+    half = t_quantile(0.95, r - 1) * float(diffs.std()) / math.sqrt(r)
     centre = log_volume_a - log_volume_b
     return VolumeDifference(centre, (centre - half, centre + half), log_volume_a, log_volume_b, r, method, level)

@@ -210,9 +210,13 @@ def make_measure(measure: str, anchor: torch.Tensor, *, sigma=None, bounds=None)
     """
     _check_measure_pairing(measure, sigma, bounds)
     if measure == "gaussian":
-        if sigma is None:
-            sigma = math.sqrt(sum_of_squares(anchor) / anchor.numel())
-            if not sigma > 0:
-                raise ValueError("the anchor is all zeros, so sigma=None (its RMS) is 0; pass sigma explicitly")
-        return GaussianMeasure(anchor, sigma)
+        return GaussianMeasure(anchor, anchor_rms(anchor) if sigma is None else sigma)
     return UniformMeasure(anchor, bounds)
+
+
+def anchor_rms(anchor: torch.Tensor) -> float:
+    """The RMS of the anchor's entries: the Gaussian's sigma when none is given (an all-zero anchor is refused)."""
+    sigma = math.sqrt(sum_of_squares(anchor) / anchor.numel())
+    if not sigma > 0:
+        raise ValueError("the anchor is all zeros, so sigma=None (its RMS) is 0; pass sigma explicitly")
+    return sigma

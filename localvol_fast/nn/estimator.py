@@ -21,12 +21,14 @@ import torch
 from localvol_fast.core.checks import (
     check_anchor, check_choice, check_device, check_diagonal_size, check_flag, check_integer, check_number,
 )
-from localvol_fast.core.measures import check_measure
+from localvol_fast.core.measures import anchor_rms, check_measure
 from localvol_fast.core.preconditioners import MatrixPreconditioner
 from localvol_fast.core.result import VolumeResult
 from localvol_fast.engine.estimator import run_estimate
 from localvol_fast.engine.journal import fingerprint_tensors
 from localvol_fast.engine.options import RunOptions
+from localvol_fast.engine.sequential import SCOPES
+from localvol_fast.engine.sequential_result import SequentialResult
 from localvol_fast.nn.auto_eps import choose_preconditioner_eps
 from localvol_fast.nn.costs.anchor_cache import ANCHOR_CACHE_MODES
 from localvol_fast.nn.costs.choice import EVALUATION_MODES, default_evaluation, make_cost
@@ -35,9 +37,12 @@ from localvol_fast.nn.neighborhoods import make_neighborhood
 from localvol_fast.nn.parameters import ParameterLayout, check_one_device, select_parameters, skipped_parameter_note
 from localvol_fast.nn.preconditioners import PRECONDITIONER_NAMES, preconditioner_family
 from localvol_fast.nn.preservation import preserved_model
+from localvol_fast.nn.sequential import check_curvature_option, run_sequential, surrogate_curvature
 from localvol_fast.ops import get_backend
 
 AUTO_EPS = "auto"  # preconditioner_eps: choose it on pilot directions (``auto_eps``)
+METHODS = ("rays", "sequential")
+DEFAULT_SAMPLES = {"rays": 100, "sequential": 500}  # directions, or particles per replicate
 
 
 def estimate(
@@ -47,7 +52,7 @@ def estimate(
     neighborhood: str = "kl",
     loss_fn: Callable | None = None,
     cutoff: float = 1e-2,
-    n_samples: int = 100,
+    n_samples: int | None = None,
     measure: str = "gaussian",
     sigma=None,
     bounds=None,
@@ -72,7 +77,12 @@ def estimate(
     output=None,
     resume: bool = False,
     distributed: bool = False,
-) -> VolumeResult:
+    method: str = "rays",
+    scope: str = "local",
+    curvature="auto",
+    n_replicates: int = 4,
+    max_evaluations: int | None = None,
+) -> VolumeResult | SequentialResult:
     """Estimate the local volume of ``model`` around its current weights, in nats.
 
     data: a tensor of inputs, an (inputs, targets) pair, an iterable/DataLoader of batches (also the
@@ -112,6 +122,19 @@ def estimate(
     output, resume: a JSON-lines journal of finished directions, and continuing the run it holds
         (see ``estimate_volume``). distributed: shard directions over torch.distributed ranks (torchrun);
         each rank must hold the same model and data (on its own device).
+    method: "rays" (the paper's estimator: n_samples directions from the anchor, each searched for the
+        radius where the cost reaches the cutoff; a lower bound in expectation, see the README's accuracy
+        section) or "sequential" (tempered sequential Monte Carlo, ``engine.sequential``: consistent, with an
+        interval from n_replicates independent populations of n_samples particles; returns one
+        ``SequentialResult`` for every cutoff asked, with the whole volume-vs-cutoff curve it passed).
+        n_samples defaults to 100 directions (rays) or 500 particles per replicate (sequential).
+    scope, curvature, n_replicates, max_evaluations: the sequential method's options. scope "local" (start
+        from the anchor's quadratic surrogate; the anchor's own basin) or "global" (start from the prior: the
+        probability that a prior draw lands in ANY such basin, as far as the sampler finds them).
+        curvature: the surrogate's Hessian, "auto", "fisher-eigen", "diag-h", "fisher" (``nn.sequential``),
+        a (D,) tensor or an (eigenvalues, vectors) pair. max_evaluations: stop early (result.complete False).
+        The sequential method takes the Gaussian measure with a scalar sigma, no preconditioner and no
+        distributed run; output/resume keep its latest state in the file named by output.
     Every option is checked here (type, range, finiteness) before the model is moved or run: a bad one is
     a TypeError or ValueError naming it and its value. sigma and bounds must lie in [1e-150, 1e150]
     (their squares stay normal float64); n_samples must fit the machine's memory (about 256 bytes per
@@ -121,6 +144,13 @@ def estimate(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # Every option is checked here, before the model is moved or run: a bad value never costs a forward pass.
+    method = check_choice(method, METHODS, "method")
+    if method == "sequential":
+        scope, n_replicates, max_evaluations = _checked_sequential_options(
+            scope, curvature, n_replicates, max_evaluations, measure, sigma, preconditioner, distributed
+        )
+    if n_samples is None:
+        n_samples = DEFAULT_SAMPLES[method]
     options = RunOptions.checked(
         cutoff=cutoff, n_samples=n_samples, seed=seed, rtol=rtol, batch_size=batch_size, progress=progress,
         output=output, resume=resume, distributed=distributed,
@@ -159,6 +189,17 @@ def estimate(
             )
             check_anchor(cost.anchor)  # before any preconditioner is computed from it
             check_resolution(cost, options.smallest_cutoff)
+            if method == "sequential":
+                value, precond_info = surrogate_curvature(
+                    curvature, model, layout, cost.anchor_forward, batches, passes=fisher_passes, seed=options.seed,
+                )
+                precond_info = {"name": "sequential", "curvature": precond_info}
+                run_info = _run_info(nb, l2_reg, model, layout, batches, cost, precond_info) if output is not None else None
+                result = run_sequential(
+                    cost, options, sigma=sigma if sigma is not None else anchor_rms(cost.anchor), curvature=value,
+                    scope=scope, n_replicates=n_replicates, max_evaluations=max_evaluations, run_info=run_info,
+                )
+                return _finished(result, notes, started, cost, precond_info, nb, l2_reg, model)
             family, precond_info = preconditioner_family(
                 preconditioner, optimizer, model, layout, cost.anchor_forward, batches,
                 exponent=preconditioner_exponent, passes=fisher_passes, seed=options.seed,
@@ -176,11 +217,39 @@ def estimate(
         finally:
             if anchor is not None:
                 layout.write(anchor)
+    return _finished(result, notes, started, cost, precond_info, nb, l2_reg, model)
+
+
+def _finished(result, notes, started, cost, precond_info, nb, l2_reg, model):
+    """The result(s) with the model layer's notes and figures added."""
     if cost.fallback_reason:
         notes.append(f"vmap was not usable for this model ({cost.fallback_reason}); probes ran one at a time")
     for r in result if isinstance(result, list) else [result]:
         _describe(r, notes, started, cost, precond_info, nb, l2_reg, model)
     return result
+
+
+def _checked_sequential_options(scope, curvature, n_replicates, max_evaluations, measure, sigma, preconditioner,
+                                distributed) -> tuple:
+    """The sequential method's own options, and the ray options it cannot take (refused, not ignored)."""
+    check_choice(scope, SCOPES, "scope")
+    check_curvature_option(curvature)
+    n_replicates = check_integer(n_replicates, "n_replicates", what="independent populations (>= 2 for an interval)")
+    if max_evaluations is not None:
+        max_evaluations = check_integer(max_evaluations, "max_evaluations", what="cost evaluations, or None")
+    if preconditioner is not None:
+        raise ValueError(
+            "method='sequential' takes no preconditioner (that shapes the ray method's directions); give its "
+            f"surrogate's Hessian as curvature= instead (got preconditioner={preconditioner!r})"
+        )
+    if measure != "gaussian" or not (sigma is None or isinstance(sigma, (int, float)) and not isinstance(sigma, bool)):
+        raise ValueError(
+            f"method='sequential' supports the Gaussian measure with a scalar sigma (or None), got measure={measure!r}, "
+            f"sigma of type {type(sigma).__name__}; use method='rays' for other measures"
+        )
+    if distributed:
+        raise ValueError("method='sequential' does not shard over torch.distributed ranks; run it on one process")
+    return scope, n_replicates, max_evaluations
 
 
 def check_resolution(cost, cutoff: float) -> None:

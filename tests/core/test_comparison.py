@@ -7,6 +7,7 @@ import torch
 
 from localvol_fast.core.comparison import paired_ray_difference, paired_replicate_difference
 from localvol_fast.core.result import VolumeResult
+from localvol_fast.core.statistics import t_quantile
 
 
 def _result(estimates, indices=None, cutoff=1e-2):
@@ -72,7 +73,8 @@ def test_replicate_difference_is_a_t_interval_of_the_pairwise_differences():
     b = a - 2.0 + torch.tensor([0.1, -0.1, 0.2, -0.2], dtype=torch.float64)
     d = paired_replicate_difference(a, b, log_volume_a=-10.2, log_volume_b=-12.2, method="sequential")
     diffs = a - b
-    half = 3.182 * float(diffs.std()) / 2.0
+    half = t_quantile(0.95, 3) * float(diffs.std()) / 2.0
+    assert abs(t_quantile(0.95, 3) - 3.182) < 1e-3
     assert abs(d.difference - 2.0) < 1e-12 and abs((d.interval[1] - d.interval[0]) / 2 - half) < 1e-12
     with pytest.raises(ValueError, match="replicates"):
         paired_replicate_difference(a, b[:3], log_volume_a=0.0, log_volume_b=0.0, method="x")

@@ -13,22 +13,10 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from localvol_fast.core.statistics import t_quantile
+
 # The paper's ConvNeXt on CIFAR-10 (MATH.md): log10 volumes, isotropic directions.
 PAPER = {"dim": 3_388_810, "clean_log10": -6.1e6, "poisoned_log10": -8.1e6}
-# Student t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95%).
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)
-
-
-def t_quantile_975(dof: int) -> float:
-    """The 0.975 quantile of Student's t with ``dof`` >= 1 degrees of freedom (a table to 30, then the
-    first Cornish-Fisher term about the normal's 1.95996, accurate to about 1e-3 there)."""
-    if dof < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
-    z = 1.959964
-    return _T975[dof - 1] if dof <= len(_T975) else z + (z**3 + z) / (4 * dof)
 
 
 def method_verdict(clean: dict[int, float], poisoned: dict[int, float]) -> dict:
@@ -53,7 +41,7 @@ def method_verdict(clean: dict[int, float], poisoned: dict[int, float]) -> dict:
     }
     if len(differences) > 1:
         sd = statistics.stdev(differences)
-        half = t_quantile_975(len(differences) - 1) * sd / math.sqrt(len(differences))
+        half = t_quantile(0.95, len(differences) - 1) * sd / math.sqrt(len(differences))
         record.update(sd_difference=sd, difference_interval=[mean - half, mean + half], beyond_spread=mean + half < 0)
     return record
 

@@ -94,3 +94,10 @@ class ModelCost(PointCost):
         if not self.l2_reg:
             return costs
         return costs + 0.5 * self.l2_reg * steps**2
+
+    def with_l2_at_points(self, costs: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+        """costs + l2_reg / 2 * |theta - theta0|^2 for whole parameter vectors thetas (k, D)."""
+        if not self.l2_reg:
+            return costs
+        step = thetas.double() - self.anchor.double()
+        return costs + 0.5 * self.l2_reg * (step * step).sum(-1)

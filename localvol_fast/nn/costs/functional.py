@@ -86,7 +86,4 @@ class FunctionalModelCost(ModelCost):
                 self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         if costs is None:
             costs = self._costs_sequential(thetas) / self.total_weight
-        if self.l2_reg:
-            step = thetas.double() - self.anchor.double()
-            costs = costs + 0.5 * self.l2_reg * (step * step).sum(-1)
-        return costs
+        return self.with_l2_at_points(costs, thetas)

@@ -67,6 +67,18 @@ class InPlaceModelCost(ModelCost):
         self.restore_weights()
         return float(self._cost_here())
 
+    def costs_of_points(self, thetas: torch.Tensor) -> torch.Tensor:
+        """Costs (k,) of whole parameter vectors (the sequential method's particles), each written into the
+        model in turn; the anchor is written back afterwards."""
+        thetas = thetas.to(self.anchor.device)
+        costs = torch.empty(thetas.shape[0], dtype=torch.float64, device=self.anchor.device)
+        try:
+            for j in range(thetas.shape[0]):
+                costs[j] = self._cost_here(functools.partial(self.layout.write, thetas[j]))
+        finally:
+            self.restore_weights()
+        return self.with_l2_at_points(costs, thetas)
+
     def __call__(self, rows: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """Costs (k,) on the device; nothing in here waits for the device."""
         device = self.anchor.device

@@ -1,0 +1,46 @@
+"""Smoke test of the accuracy benchmark (``bench/accuracy.py``): its --quick configuration on the small
+problems only (a 2-D banana, a 5-D coupled quartic, the D = 1e4 power-law quadratic), one seed.
+
+It checks that the run completes, that every (problem, method) gets a row in both files, that no method
+fails, and that what is exact by construction is exact: on the quadratic power-law problem the
+sequential estimator (whose surrogate is the exact cost there) lands within 2 nats of the truth. The
+benchmark's figures themselves come from the full run (``python bench/accuracy.py``), not from here.
+
+    python -m pytest -q -p no:cacheprovider bench/bench_accuracy.py
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import accuracy  # noqa: E402
+import accuracy_problems  # noqa: E402
+
+PROBLEMS = ("banana-2d", "coupled-quartic-5d", "powerlaw-1e4")
+
+
+def test_quick_accuracy_table_on_small_problems(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy_problems, "CACHE_DIR", tmp_path / "cache")  # truths computed afresh
+    out = tmp_path / "results"
+    summary = accuracy.main(["--quick", "--problems", ",".join(PROBLEMS), "--seeds", "1", "--out", str(out)])
+
+    data = json.loads((out / "accuracy.json").read_text())
+    table = (out / "accuracy.md").read_text()
+    assert {(r["problem"], r["method"]) for r in data["rows"]} == {(p, m) for p in PROBLEMS for m in accuracy.METHODS}
+    for problem in PROBLEMS:
+        truth = data["truths"][problem]
+        assert math.isfinite(truth["log_volume"]) and truth["log_volume"] < 0, truth
+        assert table.count(f"| {problem} |") == len(accuracy.METHODS) + 1  # its method rows and its truth row
+    statuses = {o["status"] for o in data["outcomes"]}
+    assert statuses <= {"ok", "incomplete", "skipped", "not available"}, [o for o in data["outcomes"] if o["status"] == "failed"]
+    assert data["machine"]["torch"] and data["machine"]["cpu_count"] >= 1 and "--quick" in data["machine"]["command"]
+
+    rows = {(r["problem"], r["method"]): r for r in summary["rows"]}
+    isotropic = rows[("powerlaw-1e4", "rays-isotropic")]
+    assert isotropic["gap"] < -100, isotropic  # the rays' known bias in high dimension shows in the table
+    sequential = rows[("powerlaw-1e4", "sequential")]
+    if "not available" not in sequential["statuses"]:
+        assert abs(sequential["gap"]) < 2.0, sequential

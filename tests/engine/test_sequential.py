@@ -1,0 +1,175 @@
+"""The tempered-SMC estimator (``engine.sequential``) against exact ground truths on small problems."""
+
+import math
+
+import pytest
+import torch
+
+from localvol_fast.core.ground_truth import quadratic_log_volume
+from localvol_fast.core.separable import separable_log_volume
+from localvol_fast.engine.sequential import SequentialSampler, sequential_volume
+from localvol_fast.engine.sequential_result import SequentialResult, replicate_interval, t_quantile
+
+
+def _problem(dim: int, seed: int = 1):
+    """A diagonal curvature with half its directions flat, and an anchor of unit scale."""
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.rand(dim, generator=g, dtype=torch.float64) * 10
+    lam = lam * (torch.rand(dim, generator=g, dtype=torch.float64) < 0.5)
+    return lam, torch.randn(dim, generator=g, dtype=torch.float64)
+
+
+def _separable_cost(lam, y0, kappa, vectors=None):
+    def cost(theta):
+        y = theta if vectors is None else theta @ vectors
+        d = y - y0
+        return (0.5 * lam * d**2 + kappa * d**4).sum(1)
+    return cost
+
+
+def _assert_near(result, truth: float, slack: float = 0.0, index: int = 0) -> None:
+    """|estimate - truth| within twice the 95% interval's half-width (+ slack): a 95% interval misses 1 in
+    20 by design, and each test is one seed; coverage itself is measured over seeds outside the tests."""
+    low, high = result.intervals[index]
+    half = 0.5 * (high - low)
+    gap = result.log_volumes[index] - truth
+    assert abs(gap) <= 2 * half + slack, (result.log_volumes[index], truth, (low, high))
+
+
+def test_quadratic_bridge_is_exact_and_volume_within_interval():
+    lam, y0 = _problem(40)
+    cost = _separable_cost(lam, y0, 0.0)
+    sampler = SequentialSampler(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=200, seed=3)
+    sampler.advance()  # the bridge: C - C_q is rounding only, so one step with equal weights
+    assert sampler.alpha == 1.0
+    assert torch.allclose(sampler.log_z, torch.full_like(sampler.log_z, sampler.coords.log_normalizer(sampler.beta)), atol=1e-6)
+    result = sampler.run()
+    truth = quadratic_log_volume(lam.numpy(), y0.numpy(), cutoff=0.5, sigma=1.0, method="second-order").log_volume
+    _assert_near(result, truth, slack=0.01)  # 0.01: the second-order saddlepoint's own error
+    assert abs(result.log_volume - truth) < 0.5
+
+
+def test_eigenbasis_with_complement_matches_the_rotated_diagonal():
+    """Curvature on k < D orthonormal vectors: the rest of theta is carried beside y; the truth is the
+    same problem in the eigenbasis."""
+    dim, rank = 30, 12
+    g = torch.Generator().manual_seed(5)
+    vectors, _ = torch.linalg.qr(torch.randn(dim, rank, generator=g, dtype=torch.float64))
+    lam = torch.rand(rank, generator=g, dtype=torch.float64) * 8 + 1
+    anchor = torch.randn(dim, generator=g, dtype=torch.float64)
+    y0 = vectors.T @ anchor
+    cost = _separable_cost(lam, y0, 0.0, vectors)
+    result = sequential_volume(cost, anchor, cutoff=0.3, sigma=1.0, curvature=(lam, vectors), n_particles=200, seed=0)
+    truth = quadratic_log_volume(lam.numpy(), y0.numpy(), cutoff=0.3, sigma=1.0, method="second-order").log_volume
+    _assert_near(result, truth, slack=0.01)
+
+
+@pytest.mark.parametrize("kappa", [0.05, 0.5])
+def test_quartic_within_interval_of_the_exact_volume(kappa):
+    """Not exact by construction: the bridge from the quadratic surrogate and the moves do the work."""
+    lam, y0 = _problem(40, seed=2)
+    cost = _separable_cost(lam, y0, kappa)
+    result = sequential_volume(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=200, seed=1)
+    truth = separable_log_volume(lam.numpy(), y0.numpy(), cutoff=0.5, quartic=kappa, sigma=1.0).log_volume
+    assert result.complete
+    assert sum(s["phase"] == "bridge" for s in result.steps) > 1  # the bridge is not trivial here
+    _assert_near(result, truth, slack=0.05)  # 0.05: the saddlepoint's error
+
+
+def test_several_cutoffs_and_the_curve():
+    lam, y0 = _problem(30, seed=4)
+    cost = _separable_cost(lam, y0, 0.1)
+    cutoffs = [0.2, 1.0]
+    result = sequential_volume(cost, y0, cutoff=cutoffs, sigma=1.0, curvature=lam, n_particles=200, seed=2)
+    for index, c in enumerate(cutoffs):
+        truth = separable_log_volume(lam.numpy(), y0.numpy(), cutoff=c, quartic=0.1, sigma=1.0).log_volume
+        _assert_near(result, truth, slack=0.05, index=index)
+    assert result.log_volumes[0] < result.log_volumes[1]
+    assert result.curve_cutoffs == sorted(result.curve_cutoffs) and len(result.curve_cutoffs) >= 2
+    assert min(result.curve_cutoffs) <= 0.2 * (1 + 1e-6) and max(result.curve_cutoffs) >= 1.0 * (1 - 1e-6)
+
+
+def test_global_scope_from_the_prior():
+    lam, y0 = _problem(10, seed=6)
+    cost = _separable_cost(lam, y0, 0.0)
+    result = sequential_volume(cost, y0, cutoff=1.0, sigma=1.0, scope="global", n_particles=300, seed=0)
+    truth = quadratic_log_volume(lam.numpy(), y0.numpy(), cutoff=1.0, sigma=1.0, method="second-order").log_volume
+    assert result.steps[0]["alpha"] == 1.0 and result.steps[0]["phase"] == "temper"
+    _assert_near(result, truth, slack=0.01)
+
+
+def test_same_seed_same_number_and_batch_size_independent():
+    lam, y0 = _problem(20, seed=7)
+    cost = _separable_cost(lam, y0, 0.1)
+    run = lambda **kw: sequential_volume(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=64, **kw)  # noqa: E731
+    first, again, batched = run(seed=4), run(seed=4), run(seed=4, batch_size=37)
+    other = run(seed=5)
+    assert first.log_volumes == again.log_volumes == batched.log_volumes
+    assert first.evaluations == batched.evaluations
+    assert other.log_volumes != first.log_volumes
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_result():
+    lam, y0 = _problem(20, seed=8)
+    cost = _separable_cost(lam, y0, 0.1)
+    options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=64, seed=9)
+    whole = sequential_volume(cost, y0, **options)
+    sampler = SequentialSampler(cost, y0, **options)
+    for _ in range(3):
+        sampler.advance()
+    state = sampler.state_dict()
+    resumed = sequential_volume(cost, y0, state=state, **options)
+    assert resumed.log_volumes == whole.log_volumes and resumed.evaluations == whole.evaluations
+    with pytest.raises(ValueError, match="same options"):
+        sequential_volume(cost, y0, state=state, **{**options, "seed": 10})
+
+
+def test_evaluation_budget_is_respected():
+    lam, y0 = _problem(20, seed=9)
+    cost = _separable_cost(lam, y0, 0.5)
+    calls = []
+    counted = lambda x: (calls.append(x.shape[0]), cost(x))[1]  # noqa: E731
+    result = sequential_volume(counted, y0, cutoff=0.05, sigma=1.0, curvature=lam, n_particles=50, max_evaluations=2000)
+    assert result.evaluations <= 2000 and sum(calls) == result.evaluations + 1  # + 1: the anchor's check
+    assert not result.complete and math.isnan(result.log_volume)
+
+
+def test_result_round_trip(tmp_path):
+    lam, y0 = _problem(10, seed=3)
+    result = sequential_volume(_separable_cost(lam, y0, 0.0), y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=32)
+    loaded = SequentialResult.load(result.save(tmp_path / "r.json"))
+    assert loaded == result
+    assert "cutoff 0.5" in result.summary()
+
+
+def test_interval_arithmetic():
+    assert t_quantile(0.95, 3) == pytest.approx(3.1824)
+    assert t_quantile(0.95, 30) == pytest.approx(2.0423, abs=2e-3)
+    center, low, high = replicate_interval([-10.0, -10.0, -10.0])
+    assert center == pytest.approx(-10.0) and low == pytest.approx(-10.0) and high == pytest.approx(-10.0)
+    center, low, high = replicate_interval([0.0, math.log(3.0)])
+    assert center == pytest.approx(math.log(2.0)) and low < center < high
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(cutoff=-1.0), ValueError), (dict(sigma=torch.ones(5)), TypeError), (dict(scope="nearby"), ValueError),
+        (dict(curvature=None), ValueError), (dict(curvature=torch.ones(4)), ValueError),
+        (dict(curvature=-torch.ones(5)), ValueError), (dict(curvature=(torch.ones(2), torch.ones(5, 2))), ValueError),
+        (dict(n_particles=1), ValueError), (dict(n_replicates=0), ValueError), (dict(target_cess=1.5), ValueError),
+        (dict(max_evaluations=0), ValueError), (dict(curvature="fisher"), TypeError),
+    ],
+)
+def test_bad_input_errors(change, error):
+    y0 = torch.zeros(5, dtype=torch.float64)
+    options = dict(cutoff=0.5, sigma=1.0, curvature=torch.ones(5, dtype=torch.float64), **{})
+    options.update(change)
+    with pytest.raises(error):
+        SequentialSampler(lambda x: (x**2).sum(1), y0, **options)
+
+
+def test_cost_not_zero_at_the_anchor_is_refused():
+    y0 = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="0 at the anchor"):
+        sequential_volume(lambda x: (x**2).sum(1) + 1.0, y0, cutoff=0.5, sigma=1.0, curvature=torch.ones(5))
