@@ -185,17 +185,23 @@ def train_paper_digits(
         y_train = poison_labels(y_train, poison_fraction, seed)
     model = paper_mlp(seed).to(device)
     optimizer = PaperAdam(model.parameters())
+    limit = PAPER_STEPS if stop_after is None else min(int(stop_after), PAPER_STEPS)
+    paper_minibatch_steps(model, optimizer, x_train, y_train, seed=seed, steps=limit)
+    return TrainedDigits(model, optimizer, x_train, y_train, x_test, y_test)
+
+
+def paper_minibatch_steps(model, optimizer, x_train, y_train, *, seed: int, steps: int) -> None:
+    """``steps`` minibatch updates of ``paper_loss``, one fresh permutation of the training set per epoch;
+    leaves no gradients behind and the model in eval mode."""
     # Its own generator: the epochs' shuffles do not depend on anything else drawn in the process.
     shuffles = torch.Generator().manual_seed(seed + 2)
-    limit = PAPER_STEPS if stop_after is None else min(int(stop_after), PAPER_STEPS)
     done = 0
-    while done < limit:  # one pass per epoch, a fresh permutation each time
-        order = torch.randperm(N_TRAIN, generator=shuffles).to(device)
-        for batch in order.split(PAPER_BATCH)[: limit - done]:
+    while done < steps:
+        order = torch.randperm(N_TRAIN, generator=shuffles).to(x_train.device)
+        for batch in order.split(PAPER_BATCH)[: steps - done]:
             optimizer.zero_grad()
             paper_loss(model, x_train[batch], y_train[batch]).backward()
             optimizer.step()
             done += 1
     optimizer.zero_grad()
     model.eval()
-    return TrainedDigits(model, optimizer, x_train, y_train, x_test, y_test)

@@ -34,14 +34,12 @@ import torch
 
 from localvol_fast import __version__
 from localvol_fast.apps.digits import (
-    N_TRAIN,
-    PAPER_BATCH,
     PAPER_STEPS,
     PRIOR_SIGMA,
     PaperAdam,
     TrainedDigits,
     load_digits_split,
-    paper_loss,
+    paper_minibatch_steps,
     poison_labels,
 )
 from localvol_fast.apps.reproduce.experiments import DIRECTION_SEED, GOOD_ADAM_EPS, method_options, record_of
@@ -104,17 +102,7 @@ def train_cnn(
         y_train = poison_labels(y_train, poison_fraction, seed)
     model = digits_cnn(seed, channels)
     optimizer = PaperAdam(model.parameters(), total_steps=steps)
-    shuffles = torch.Generator().manual_seed(seed + 2)  # the epochs' shuffles, as the MLP's recipe draws them
-    done = 0
-    while done < steps:
-        order = torch.randperm(N_TRAIN, generator=shuffles)
-        for batch in order.split(PAPER_BATCH)[: steps - done]:
-            optimizer.zero_grad()
-            paper_loss(model, x_train[batch], y_train[batch]).backward()
-            optimizer.step()
-            done += 1
-    optimizer.zero_grad()
-    model.eval()
+    paper_minibatch_steps(model, optimizer, x_train, y_train, seed=seed, steps=steps)
     return TrainedDigits(model, optimizer, x_train, y_train, x_test, y_test)
 
 
