@@ -146,7 +146,7 @@ def estimate(
     # Every option is checked here, before the model is moved or run: a bad value never costs a forward pass.
     method = check_choice(method, METHODS, "method")
     if method == "sequential":
-        scope, n_replicates, max_evaluations = _checked_sequential_options(
+        sequential = _checked_sequential_options(
             scope, curvature, n_replicates, max_evaluations, measure, sigma, preconditioner, distributed
         )
     if n_samples is None:
@@ -190,14 +190,9 @@ def estimate(
             check_anchor(cost.anchor)  # before any preconditioner is computed from it
             check_resolution(cost, options.smallest_cutoff)
             if method == "sequential":
-                value, precond_info = surrogate_curvature(
-                    curvature, model, layout, cost.anchor_forward, batches, passes=fisher_passes, seed=options.seed,
-                )
-                precond_info = {"name": "sequential", "curvature": precond_info}
-                run_info = _run_info(nb, l2_reg, model, layout, batches, cost, precond_info) if output is not None else None
-                result = run_sequential(
-                    cost, options, sigma=sigma if sigma is not None else anchor_rms(cost.anchor), curvature=value,
-                    scope=scope, n_replicates=n_replicates, max_evaluations=max_evaluations, run_info=run_info,
+                run = functools.partial(_run_info, nb, l2_reg, model, layout, batches, cost) if output is not None else None
+                result, precond_info = _sequential_result(
+                    cost, options, sigma, fisher_passes, sequential, model, layout, batches, run_info_of=run,
                 )
                 return _finished(result, notes, started, cost, precond_info, nb, l2_reg, model)
             family, precond_info = preconditioner_family(
@@ -220,6 +215,18 @@ def estimate(
     return _finished(result, notes, started, cost, precond_info, nb, l2_reg, model)
 
 
+def _sequential_result(cost, options, sigma, fisher_passes, sequential: dict, model, layout, batches, *, run_info_of):
+    """The sequential method's run: the surrogate's curvature at the anchor, then the sampler (``nn.sequential``)."""
+    curvature = sequential.pop("curvature")
+    value, curvature_info = surrogate_curvature(
+        curvature, model, layout, cost.anchor_forward, batches, passes=fisher_passes, seed=options.seed,
+    )
+    precond_info = {"name": "sequential", "curvature": curvature_info}
+    run_info = None if run_info_of is None else run_info_of(precond_info)
+    sigma = sigma if sigma is not None else anchor_rms(cost.anchor)
+    return run_sequential(cost, options, sigma=sigma, curvature=value, run_info=run_info, **sequential), precond_info
+
+
 def _finished(result, notes, started, cost, precond_info, nb, l2_reg, model):
     """The result(s) with the model layer's notes and figures added."""
     if cost.fallback_reason:
@@ -230,7 +237,7 @@ def _finished(result, notes, started, cost, precond_info, nb, l2_reg, model):
 
 
 def _checked_sequential_options(scope, curvature, n_replicates, max_evaluations, measure, sigma, preconditioner,
-                                distributed) -> tuple:
+                                distributed) -> dict:
     """The sequential method's own options, and the ray options it cannot take (refused, not ignored)."""
     check_choice(scope, SCOPES, "scope")
     check_curvature_option(curvature)
@@ -249,7 +256,7 @@ def _checked_sequential_options(scope, curvature, n_replicates, max_evaluations,
         )
     if distributed:
         raise ValueError("method='sequential' does not shard over torch.distributed ranks; run it on one process")
-    return scope, n_replicates, max_evaluations
+    return {"scope": scope, "curvature": curvature, "n_replicates": n_replicates, "max_evaluations": max_evaluations}
 
 
 def check_resolution(cost, cutoff: float) -> None:
