@@ -407,3 +407,10 @@ def test_estimate_under_torchrun_gloo(tmp_path):
                    check=True, cwd=REPO, env=env, timeout=300)
     a, b = VolumeResult.load(single), VolumeResult.load(shared)
     assert torch.equal(a.estimates, b.estimates) and b.info["processes"] == 2
+
+
+def test_the_cli_imports_without_transformers():
+    # The demo's install (".[demo]") has no transformers: the CLI must import and run `demo --help` there.
+    code = "import sys; sys.modules['transformers'] = None; import localvol_fast.apps.cli as c; sys.exit(c.main(['demo', '--help']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -36,7 +36,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from localvol_fast import __version__
 from localvol_fast.apps.reproduce.corpus import heldout_windows, load_corpus
@@ -88,9 +87,13 @@ def step_grid(last: int) -> list[int]:
     return grid + [last]
 
 
-def build_model(config: dict, seed: int) -> GPTNeoXForCausalLM:
+def build_model(config: dict, seed: int) -> torch.nn.Module:
     """A GPT-NeoX (byte vocabulary, no dropout, untied embeddings, rotary on a quarter of each head as in
     Pythia) initialized from ``seed`` without touching the caller's global RNG."""
+    try:  # here, not at the top: the CLI (and its demo) must import without the optional transformers
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    except ImportError:
+        raise ImportError("reproduce lm needs transformers: pip install 'localvol_fast[hf]'") from None
     model_config = GPTNeoXConfig(
         vocab_size=256, hidden_size=config["hidden_size"], num_hidden_layers=config["layers"],
         num_attention_heads=config["heads"], intermediate_size=4 * config["hidden_size"],
