@@ -42,7 +42,6 @@ from localvol_fast.ops import get_backend
 
 AUTO_EPS = "auto"  # preconditioner_eps: choose it on pilot directions (``auto_eps``)
 METHODS = ("rays", "sequential")
-DEFAULT_SAMPLES = {"rays": 100, "sequential": 500}  # directions, or particles per replicate
 
 
 def estimate(
@@ -52,7 +51,7 @@ def estimate(
     neighborhood: str = "kl",
     loss_fn: Callable | None = None,
     cutoff: float = 1e-2,
-    n_samples: int | None = None,
+    n_samples: int = 100,
     measure: str = "gaussian",
     sigma=None,
     bounds=None,
@@ -127,7 +126,8 @@ def estimate(
         section) or "sequential" (tempered sequential Monte Carlo, ``engine.sequential``: consistent, with an
         interval from n_replicates independent populations of n_samples particles; returns one
         ``SequentialResult`` for every cutoff asked, with the whole volume-vs-cutoff curve it passed).
-        n_samples defaults to 100 directions (rays) or 500 particles per replicate (sequential).
+        n_samples is the number of directions (rays) or of particles per replicate (sequential: 100 is
+        the default for both; the accuracy benchmark uses 500 particles).
     scope, curvature, n_replicates, max_evaluations: the sequential method's options. scope "local" (start
         from the anchor's quadratic surrogate; the anchor's own basin) or "global" (start from the prior: the
         probability that a prior draw lands in ANY such basin, as far as the sampler finds them).
@@ -149,8 +149,6 @@ def estimate(
         sequential = _checked_sequential_options(
             scope, curvature, n_replicates, max_evaluations, measure, sigma, preconditioner, distributed
         )
-    if n_samples is None:
-        n_samples = DEFAULT_SAMPLES[method]
     options = RunOptions.checked(
         cutoff=cutoff, n_samples=n_samples, seed=seed, rtol=rtol, batch_size=batch_size, progress=progress,
         output=output, resume=resume, distributed=distributed,
