@@ -165,14 +165,7 @@ class VolumeResult:
     @classmethod
     def from_dict(cls, data: dict) -> "VolumeResult":
         """The result ``to_dict`` wrote, every field checked: a ValueError names the first bad one."""
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"not a saved VolumeResult (format {found!r})")
-        if data.get("version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"a saved VolumeResult of format version {data.get('version')!r}, but this version of localvol_fast "
-                f"reads version {_FORMAT_VERSION}; load it with the version that wrote it"
-            )
+        check_saved_format(data, _FORMAT, _FORMAT_VERSION)
         missing = [f.name for f in fields(cls) if f.name not in data]
         if missing:
             raise ValueError(f"the saved VolumeResult lacks the field(s) {missing}; the file is incomplete or edited")
@@ -204,6 +197,19 @@ class VolumeResult:
     @classmethod
     def load(cls, path) -> "VolumeResult":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def check_saved_format(data, format_name: str, version: int) -> None:
+    """Refuse anything but a dict written as ``format_name`` at ``version`` (e.g. "localvol_fast.VolumeResult", 1)."""
+    what = format_name.rsplit(".", 1)[-1]
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"not a saved {what} (format {found!r})")
+    if data.get("version") != version:
+        raise ValueError(
+            f"a saved {what} of format version {data.get('version')!r}, but this version of localvol_fast "
+            f"reads version {version}; load it with the version that wrote it"
+        )
 
 
 def _checked_list(value, name: str, n: int | None, kind) -> list:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from localvol_fast.core.result import check_saved_format
 from localvol_fast.core.statistics import t_quantile
 
 _FORMAT = "localvol_fast.SequentialResult"
@@ -90,11 +91,7 @@ class SequentialResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SequentialResult":
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"not a saved SequentialResult (format {found!r})")
-        if data.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"a saved SequentialResult of version {data.get('version')!r}; this version reads {_FORMAT_VERSION}")
+        check_saved_format(data, _FORMAT, _FORMAT_VERSION)
         names = set(cls.__dataclass_fields__)
         missing = sorted(names - set(data))
         if missing:

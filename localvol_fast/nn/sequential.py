@@ -21,8 +21,8 @@ import torch
 from localvol_fast.core.checks import check_choice
 from localvol_fast.engine.sequential import SequentialSampler
 from localvol_fast.engine.sequential_checkpoint import run_checkpointed
-from localvol_fast.nn.curvature import eigen_decomposition, output_fisher_diagonal, output_fisher_matrix
 from localvol_fast.nn.fisher import fisher_diagonal
+from localvol_fast.nn.preconditioners import exact_curvature
 
 CURVATURE_NAMES = ("auto", "fisher-eigen", "diag-h", "fisher")
 AUTO_EIGEN_LIMIT = 5_000  # above this, "auto" takes the diagonal: the D x D eigendecomposition takes minutes
@@ -68,10 +68,8 @@ def surrogate_curvature(curvature, model, layout, forward, batches, *, passes: i
 
 
 def _named_curvature(name: str, model, layout, forward, batches, *, passes: int, seed: int, info: dict):
-    if name == "fisher-eigen":
-        return eigen_decomposition(output_fisher_matrix(model, layout, batches))
-    if name == "diag-h":
-        return output_fisher_diagonal(model, layout, batches)
+    if name in ("fisher-eigen", "diag-h"):  # the exact output Fisher, as the preconditioners compute it
+        return exact_curvature("hessian-eigen" if name == "fisher-eigen" else "diag-h", model, layout, batches)
     value, info["backward_passes"] = fisher_diagonal(forward, layout, batches, passes=passes, seed=seed)
     return value
 
