@@ -1,6 +1,6 @@
 """How far each volume estimator lands from a known truth: one table, problem x method.
 
-    python bench/accuracy.py [--quick] [--problems a,b] [--methods a,b] [--seeds N] [--out DIR]
+    python bench/accuracy.py [--quick | --long] [--problems a,b] [--methods a,b] [--seeds N] [--first-seed K] [--out DIR]
 
 Problems (``bench/accuracy_problems.py``): the digits MLP's exact output Fisher as a quadratic cost, with
 and without separable quartic terms (in the network's coordinates, cost evaluated through its eigenbasis,
@@ -24,7 +24,8 @@ Methods (rays: ``estimate_volume(..., measure="gaussian", sigma=...)``; D log|w|
   SMC with R independent replicate populations; its interval is theirs (t, R - 1 dof).
 Rays' interval: the percentile bootstrap over directions (``VolumeResult.log_volume_interval``, 95%).
 
-Each (problem, method) runs for seeds 0..N-1 (seed = the rays' direction seed, the sequential's seed).
+Each (problem, method) runs for seeds K..K+N-1 (seed = the rays' direction seed, the sequential's seed;
+K = --first-seed, default 0: long runs can be split over processes, one seed each).
 gap = estimate - truth (nats; negative = too low); "covers": the 95% interval contains the truth.
 A method whose projected cost (memory or seconds, from a timed batch of the problem's cost) is beyond
 this machine is listed as skipped with the reason. Writes ``accuracy.md`` and ``accuracy.json`` to --out
@@ -85,22 +86,28 @@ class Sizes:
     directions: int = 1000  # ray directions per run
     directions_large: int = 100  # ... at D = 1e6 (each direction is 8 MB of float64 per probe)
     pilot_directions: int = 64
-    particles: int = 500  # sequential: particles per replicate
+    particles: int = 200  # sequential: particles per replicate
     replicates: int = 4
     particles_large: int = 25  # ... at D = 1e6 (the population is R x N x D float64)
     replicates_large: int = 2
-    moves_per_step: int = 3
-    max_evaluations: int = 2_000_000
+    moves_per_step: int = 2
+    kernel: str = "hmc"  # the sequential's moves (engine.sequential KERNELS)
+    leapfrog_steps: int = 10  # evaluations per HMC move
+    pilot_particles: int = 100  # the sequential's pilot run (0: none)
+    max_evaluations: int = 5_000_000
     tilted_samples: int = 50_000  # the quadratic truths' cross-check (D <= 1e4)
     mc_samples: int = 4_000_000  # the low-dimensional problems' Monte Carlo truth
     seconds_per_cell: float = 60.0  # the sequential's evaluation budget per seed, in projected seconds
-    seconds_per_cell_large: float = 120.0  # ... at D = 1e6
+    seconds_per_cell_large: float = 300.0  # ... at D = 1e6 (HMC: the start and 3 steps of 2 x 25 particles)
 
 
 FULL = Sizes()
 QUICK = Sizes(directions=100, directions_large=8, pilot_directions=16, particles=100, replicates=4,
-              moves_per_step=2, max_evaluations=200_000, tilted_samples=0, mc_samples=500_000, seconds_per_cell=10.0,
-              seconds_per_cell_large=20.0)
+              moves_per_step=2, leapfrog_steps=5, pilot_particles=32, max_evaluations=200_000, tilted_samples=0,
+              mc_samples=500_000, seconds_per_cell=10.0, seconds_per_cell_large=20.0)
+# The sequential method on the digits quartics needs ~3-4 M evaluations, ~20 min per seed on a 2-core machine:
+# --long gives it a budget of an hour per seed (the other sizes as FULL).
+LONG = Sizes(seconds_per_cell=3600.0)
 
 
 @dataclass
@@ -163,7 +170,8 @@ class Runner:
                 return (f"unaffordable here: its population ({replicates} x {particles} particles x "
                         f"D = {p.dim:,}) needs ~{population / 2**30:.0f} GiB of float64 working memory "
                         f"(limit {MEMORY_LIMIT_BYTES / 2**30:.0f} GiB on this shared machine)")
-            least = replicates * particles * (1 + self.sizes.moves_per_step)  # the start and one step
+            per_move = self.sizes.leapfrog_steps if self.sizes.kernel == "hmc" else 1
+            least = replicates * particles * (1 + self.sizes.moves_per_step * per_move)  # the start and one step
             if self.sequential_budget() < least:
                 return (f"unaffordable in this configuration: its budget of {self.sequential_budget():,} evaluations "
                         f"(~{self.seconds_budget():.0f} s by the cost model) is below the {least:,} of its first step")
@@ -254,11 +262,13 @@ class Runner:
         result = sequential_volume(
             counted, p.anchor, cutoff=p.cutoff, sigma=p.sigma, curvature=curvature, scope="local",
             n_particles=particles, n_replicates=replicates, moves_per_step=s.moves_per_step, seed=seed,
+            kernel=s.kernel, leapfrog_steps=s.leapfrog_steps, pilot_particles=s.pilot_particles,
             max_evaluations=budget,
         )
         seconds = time.perf_counter() - started
         last = result.steps[-1] if result.steps else {}
         details = {"particles": particles, "replicates": replicates, "moves_per_step": s.moves_per_step,
+                   "kernel": s.kernel, "leapfrog_steps": s.leapfrog_steps, "pilot_particles": s.pilot_particles,
                    "max_evaluations": budget, "steps": len(result.steps), "complete": result.complete,
                    "replicate_log_volumes": result.replicate_log_volumes[0],
                    "last_step": {k: last.get(k) for k in ("phase", "beta", "alpha", "mean_cost")}}
@@ -278,15 +288,16 @@ class Runner:
         must not depend on the machine's load)."""
         p = self.problem
         per_evaluation = SEQUENTIAL_SECONDS_PER_ELEMENT * p.dim
-        if p.vectors is not None:  # theta = Q y for the cost, and the cost's own Q^T theta
-            per_evaluation += 2 * DENSE_SECONDS_PER_ELEMENT * p.dim * p.dim
+        if p.vectors is not None:  # theta = Q y for the cost, the cost's own Q^T theta (and both back for HMC)
+            per_evaluation += (4 if self.sizes.kernel == "hmc" else 2) * DENSE_SECONDS_PER_ELEMENT * p.dim * p.dim
         return max(1, min(self.sizes.max_evaluations, int(self.seconds_budget() / per_evaluation)))
 
 
 # The cost model of ``sequential_budget``, measured on this machine (2 shared cores, 2026-12-01): the
-# sampler's own work per evaluated particle and parameter (digits in eigen-coordinates, D = 4,810:
-# ~1.4 ms per evaluation, the cost itself ~5 us), and a float64 (B, D) @ (D, D) product per row and D^2.
-SEQUENTIAL_SECONDS_PER_ELEMENT = 3e-7
+# sampler's own work per evaluated particle and parameter, HMC with the cost's autograd gradient
+# (digits-quartic-0.01-eig, D = 4,810: 3.0 M evaluations in 1,137 s, ~0.38 ms each), and a float64
+# (B, D) @ (D, D) product per row and D^2.
+SEQUENTIAL_SECONDS_PER_ELEMENT = 8e-8
 DENSE_SECONDS_PER_ELEMENT = 4.5e-11
 
 
@@ -317,7 +328,9 @@ def _sizes_text(meta: dict) -> str:
     return (f"{meta['seeds']} seeds; rays {z['directions']:,} directions ({z['directions_large']:,} at D = 1e6), eps' "
             f"pilot {z['pilot_directions']} directions x {len(DEFAULT_EPS_GRID)} eps'; sequential {z['replicates']} "
             f"replicates x {z['particles']} particles ({z['replicates_large']} x {z['particles_large']} at D = 1e6), "
-            f"{z['moves_per_step']} moves per step, budget {z['seconds_per_cell']:g} s ({z['seconds_per_cell_large']:g} s "
+            f"{z['moves_per_step']} {z.get('kernel', 'pcn')} moves per step"
+            + (f" of {z['leapfrog_steps']} leapfrog steps" if z.get("kernel") == "hmc" else "")
+            + f", a pilot of {z.get('pilot_particles', 0)} particles, budget {z['seconds_per_cell']:g} s ({z['seconds_per_cell_large']:g} s "
             f"at D = 1e6) per seed by a fixed cost model, at most {z['max_evaluations']:,} evaluations.")
 
 
@@ -351,11 +364,11 @@ def markdown(rows: list[dict], truths: dict, meta: dict) -> str:
         f"{meta['load_average']}, localvol_fast {meta['localvol_fast']} (git {meta['git_commit']}).",
         "",
         "Nats. estimate: mean over seeds; gap = estimate - truth (mean ± sd over seeds; negative = too low);",
-        "interval: 95% interval of seed 0; covers: seeds whose interval contains the truth; evals and s:",
+        "interval: 95% interval of the first seed; covers: seeds whose interval contains the truth; evals and s:",
         "mean per seed (cost evaluations, wall seconds; a pilot's share included). Definitions and recipes:",
         "`bench/accuracy.py`, `bench/accuracy_problems.py`. Sizes: " + _sizes_text(meta),
         "",
-        "| problem | D | truth ± SE | method | estimate | gap ± sd | interval (seed 0) | covers | evals | s |",
+        "| problem | D | truth ± SE | method | estimate | gap ± sd | interval (first seed) | covers | evals | s |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -418,7 +431,8 @@ def truth_record(problem: Problem) -> dict:
             "seconds": t.seconds, "recipe": problem.recipe}
 
 
-def run_benchmark(problem_names, method_names, seeds: int, sizes: Sizes, log=print) -> tuple[list[dict], list[Outcome], dict]:
+def run_benchmark(problem_names, method_names, seeds: int, sizes: Sizes, log=print,
+                  first_seed: int = 0) -> tuple[list[dict], list[Outcome], dict]:
     """Every (problem, method, seed); returns the summary rows, every outcome, and the truths."""
     rows, outcomes, truths = [], [], {}
     for problem in build_problems(problem_names, sizes, log):
@@ -429,7 +443,7 @@ def run_benchmark(problem_names, method_names, seeds: int, sizes: Sizes, log=pri
             f"({time.perf_counter() - started:.0f} s)")
         runner = Runner(problem, sizes, others)
         for method in method_names:
-            these = [runner.run(method, seed) for seed in range(seeds)]
+            these = [runner.run(method, seed) for seed in range(first_seed, first_seed + seeds)]
             outcomes += these
             rows.append(summarize(problem, method, these))
             row = rows[-1]
@@ -478,15 +492,19 @@ def write(out: Path, rows, outcomes, truths, meta) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (~2 min): a smoke run, not the figures")
+    parser.add_argument("--long", action="store_true", help="the sequential's budget an hour per seed (quartics: ~20 min)")
     parser.add_argument("--problems", default=None, help=f"comma-separated (default all): {','.join(ALL_PROBLEMS)}")
     parser.add_argument("--methods", default=None, help=f"comma-separated (default all): {','.join(METHODS)}")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (problem, method) (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds K..K+N-1 per (problem, method) (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="K, the first seed (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for accuracy.md / accuracy.json")
     args = parser.parse_args(argv)
     args.problems = _names(args.problems, ALL_PROBLEMS, "problem")
     args.methods = _names(args.methods, METHODS, "method")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be at least 0, got {args.first_seed}")
     return args
 
 
@@ -502,10 +520,10 @@ def _names(text, known, what):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    sizes = QUICK if args.quick else LONG if args.long else FULL
     command = "python bench/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started, cpu_started = time.perf_counter(), time.process_time()
-    rows, outcomes, truths = run_benchmark(args.problems, args.methods, args.seeds, sizes)
+    rows, outcomes, truths = run_benchmark(args.problems, args.methods, args.seeds, sizes, first_seed=args.first_seed)
     meta = machine(command.strip(), time.perf_counter() - started, sizes, args.seeds)
     meta["cpu_seconds"] = time.process_time() - cpu_started
     write(args.out, rows, outcomes, truths, meta)

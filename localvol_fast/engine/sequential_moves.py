@@ -101,6 +101,12 @@ class Coordinates:
         return self.sigma * self.project_out(noise)
 
 
+def log_normal(y: torch.Tensor, mean, var) -> torch.Tensor:
+    """log N(y; mean, diag var) summed over the last axis (normalized); mean and var broadcast."""
+    var = torch.as_tensor(var, dtype=torch.float64, device=y.device)
+    return -0.5 * (((y - mean) ** 2 / var).sum(-1) + torch.log(2 * math.pi * var).expand(y.shape[-1:]).sum())
+
+
 def log_prior_y(y: torch.Tensor, sigma: float) -> torch.Tensor:
     """log N(0, sigma^2) density of y summed over the last axis, up to a constant."""
     return -0.5 * (y**2).sum(-1) / sigma**2

@@ -10,6 +10,10 @@ is the output Fisher (``nn.curvature``), which is what ``curvature="auto"`` uses
 - "fisher": the diagonal from ``fisher_passes`` sampled-label backward passes (any model: LMs too).
 "auto" takes the first of these the model allows. A (D,) tensor (a diagonal H) or an
 (eigenvalues (k,), vectors (D, k)) pair is used as given.
+
+The run moves its particles by HMC on the model's gradients (``nn.costs.gradients.PointGradients``:
+one forward and one backward pass per particle and leapfrog step, whatever evaluator the ray method
+would use) after a pilot run of ``pilot_particles(n)`` particles (``engine.sequential``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from localvol_fast.core.checks import check_choice
 from localvol_fast.engine.sequential import SequentialSampler
 from localvol_fast.engine.sequential_checkpoint import run_checkpointed
+from localvol_fast.nn.costs.gradients import PointGradients
 from localvol_fast.nn.fisher import fisher_diagonal
 from localvol_fast.nn.preconditioners import exact_curvature
 
@@ -77,13 +82,21 @@ def _named_curvature(name: str, model, layout, forward, batches, *, passes: int,
 def run_sequential(cost, options, *, sigma: float, curvature, scope: str, n_replicates: int,
                    max_evaluations: int | None, run_info: dict | None):
     """The sequential estimate on ``cost`` (a ``ModelCost``: its ``costs_of_points`` evaluates the whole
-    population in batches) with the checked ``RunOptions`` (n_samples = particles per replicate)."""
+    population in batches, ``PointGradients`` its gradients for the HMC moves) with the checked
+    ``RunOptions`` (n_samples = particles per replicate)."""
     sampler = SequentialSampler(
         cost.costs_of_points, cost.anchor, cutoff=list(options.cutoffs), sigma=sigma, curvature=curvature,
         scope=scope, n_particles=options.n_samples, n_replicates=n_replicates, seed=options.seed,
-        max_evaluations=max_evaluations, batch_size=options.batch_size,
+        max_evaluations=max_evaluations, batch_size=options.batch_size, kernel="hmc", gradient=PointGradients(cost),
+        pilot_particles=pilot_particles(options.n_samples),
     )
     if options.output is None:
         return sampler.run(progress=options.progress)
     return run_checkpointed(sampler, output=options.output, resume=options.resume, run_info=run_info,
                             progress=options.progress)
+
+
+def pilot_particles(n_particles: int) -> int:
+    """The pilot run's population: half a replicate's, at least 32 (``engine.sequential``: the pilot's
+    landing population gives the main run's Gaussian start)."""
+    return max(32, n_particles // 2)

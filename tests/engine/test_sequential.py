@@ -64,16 +64,77 @@ def test_eigenbasis_with_complement_matches_the_rotated_diagonal():
     _assert_near(result, truth, slack=0.01)
 
 
+@pytest.mark.parametrize("kernel", ["hmc", "pcn"])
 @pytest.mark.parametrize("kappa", [0.05, 0.5])
-def test_quartic_within_interval_of_the_exact_volume(kappa):
+def test_quartic_within_interval_of_the_exact_volume(kappa, kernel):
     """Not exact by construction: the bridge from the quadratic surrogate and the moves do the work."""
     lam, y0 = _problem(40, seed=2)
     cost = _separable_cost(lam, y0, kappa)
-    result = sequential_volume(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=200, seed=1)
+    result = sequential_volume(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=200, seed=1, kernel=kernel)
     truth = separable_log_volume(lam.numpy(), y0.numpy(), cutoff=0.5, quartic=kappa, sigma=1.0).log_volume
     assert result.complete
     assert sum(s["phase"] == "bridge" for s in result.steps) > 1  # the bridge is not trivial here
     _assert_near(result, truth, slack=0.05)  # 0.05: the saddlepoint's error
+
+
+def test_a_pilot_start_shortens_a_long_bridge_and_stays_exact_in_expectation():
+    """A strong quartic on 60 flat directions: the bridge from the quadratic surrogate is long, so the
+    main run starts from the Gaussian fitted to the pilot's landing population."""
+    dim = 120
+    lam, y0 = _problem(dim, seed=11)
+    cost = _separable_cost(lam, y0, 2.0)
+    truth = separable_log_volume(lam.numpy(), y0.numpy(), cutoff=0.5, quartic=2.0, sigma=1.0).log_volume
+    options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=100, seed=3)
+    sampler = SequentialSampler(cost, y0, pilot_particles=64, **options)
+    result = sampler.run()
+    plain = sequential_volume(cost, y0, **options)
+    pilot_steps = [s for s in result.steps if s["phase"].startswith("pilot")]
+    main_bridge = [s for s in result.steps if s["phase"] == "bridge"]
+    assert sampler.uses_pilot_start and len(pilot_steps) >= 10
+    assert len(main_bridge) < sum(s["phase"] == "bridge" for s in plain.steps)
+    assert result.evaluations > sampler.pilot.evaluations > 0  # the pilot's evaluations are counted in the total
+    _assert_near(result, truth, slack=0.05)
+    _assert_near(plain, truth, slack=0.05)
+
+
+def test_a_short_pilot_bridge_keeps_the_surrogate_start():
+    lam, y0 = _problem(30, seed=12)
+    sampler = SequentialSampler(_separable_cost(lam, y0, 0.0), y0, cutoff=0.5, sigma=1.0, curvature=lam,
+                                n_particles=64, pilot_particles=32, seed=0)
+    sampler.run()
+    assert sampler.pilot.done and not sampler.uses_pilot_start
+    mean, var = sampler.coords.tempered_gaussian(sampler.coords.saddlepoint_beta(0.5))
+    assert torch.equal(sampler.start_mean, mean) and torch.equal(sampler.start_var, var)
+
+
+def test_a_given_gradient_is_used_instead_of_autograd():
+    lam, y0 = _problem(20, seed=13)
+    cost = _separable_cost(lam, y0, 0.1)
+    calls = []
+
+    def gradient(theta):
+        d = theta - y0
+        calls.append(theta.shape[0])
+        return cost(theta), lam * d + 0.4 * d**3
+
+    given = sequential_volume(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=64, seed=2, gradient=gradient)
+    auto = sequential_volume(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=64, seed=2)
+    assert sum(calls) == given.evaluations  # every evaluation went through it
+    assert given.log_volume == pytest.approx(auto.log_volume, abs=1e-6)  # the same up to rounding
+
+
+def test_hmc_refuses_a_cost_without_a_gradient():
+    y0 = torch.zeros(5, dtype=torch.float64)
+
+    def detached(theta):
+        with torch.no_grad():
+            return ((theta - y0) ** 2).sum(1)
+
+    with pytest.raises(TypeError, match="kernel='pcn'"):
+        sequential_volume(detached, y0, cutoff=0.5, sigma=1.0, curvature=torch.ones(5, dtype=torch.float64))
+    result = sequential_volume(detached, y0, cutoff=0.5, sigma=1.0, curvature=torch.ones(5, dtype=torch.float64),
+                               kernel="pcn", n_particles=32)
+    assert result.complete
 
 
 def test_several_cutoffs_and_the_curve():
@@ -109,13 +170,15 @@ def test_same_seed_same_number_and_batch_size_independent():
     assert other.log_volumes != first.log_volumes
 
 
-def test_checkpoint_resume_gives_the_uninterrupted_result():
+@pytest.mark.parametrize("kernel, pilot, stop", [("hmc", 0, 3), ("pcn", 0, 3), ("hmc", 32, 2), ("hmc", 32, 30)])
+def test_checkpoint_resume_gives_the_uninterrupted_result(kernel, pilot, stop):
+    """Stopped after ``stop`` steps (with a pilot: inside the pilot, and after it)."""
     lam, y0 = _problem(20, seed=8)
-    cost = _separable_cost(lam, y0, 0.1)
-    options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=64, seed=9)
+    cost = _separable_cost(lam, y0, 3.0 if pilot else 0.1)
+    options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=64, seed=9, kernel=kernel, pilot_particles=pilot)
     whole = sequential_volume(cost, y0, **options)
     sampler = SequentialSampler(cost, y0, **options)
-    for _ in range(3):
+    for _ in range(stop):
         sampler.advance()
     state = sampler.state_dict()
     resumed = sequential_volume(cost, y0, state=state, **options)
@@ -129,9 +192,13 @@ def test_evaluation_budget_is_respected():
     cost = _separable_cost(lam, y0, 0.5)
     calls = []
     counted = lambda x: (calls.append(x.shape[0]), cost(x))[1]  # noqa: E731
-    result = sequential_volume(counted, y0, cutoff=0.05, sigma=1.0, curvature=lam, n_particles=50, max_evaluations=2000)
-    assert result.evaluations <= 2000 and sum(calls) == result.evaluations + 1  # + 1: the anchor's check
-    assert not result.complete and math.isnan(result.log_volume)
+    for pilot in (0, 16):
+        calls.clear()
+        result = sequential_volume(counted, y0, cutoff=0.05, sigma=1.0, curvature=lam, n_particles=50,
+                                   max_evaluations=2000, pilot_particles=pilot)
+        checks = (1, 2) if pilot else (1,)  # the anchor's check, by each sampler that started
+        assert result.evaluations <= 2000 and sum(calls) - result.evaluations in checks
+        assert not result.complete and math.isnan(result.log_volume)
 
 
 def test_result_round_trip(tmp_path):
@@ -159,6 +226,8 @@ def test_interval_arithmetic():
         (dict(curvature=-torch.ones(5)), ValueError), (dict(curvature=(torch.ones(2), torch.ones(5, 2))), ValueError),
         (dict(n_particles=1), ValueError), (dict(n_replicates=0), ValueError), (dict(target_cess=1.5), ValueError),
         (dict(max_evaluations=0), ValueError), (dict(curvature="fisher"), TypeError),
+        (dict(kernel="gibbs"), ValueError), (dict(leapfrog_steps=0), ValueError), (dict(pilot_particles=1), ValueError),
+        (dict(pilot_particles=-4), ValueError), (dict(gradient="autograd"), TypeError),
     ],
 )
 def test_bad_input_errors(change, error):

@@ -45,14 +45,20 @@ def test_the_interval_covers_the_exact_volume_of_a_quadratic_loss(curvature):
     model, data, hessian, eigen, truth = _linear_problem()
     given = {"exact": eigen, "diagonal": torch.diagonal(hessian).clone(), "fisher": "fisher"}[curvature]
     before = snapshot(model)
-    result = _run(model, data, curvature=given)
-    assert_restored(model, before)
-    assert isinstance(result, SequentialResult) and result.complete
-    low, high = result.log_volume_interval
-    assert low <= truth <= high, (curvature, truth, result.log_volume, (low, high))
-    assert high - low < 1.5  # the replicates agree to about a nat on this 12-parameter problem
-    assert result.info["preconditioner"]["curvature"]["name"] == ("fisher" if curvature == "fisher" else "user")
-    assert result.evaluations > 0 and result.info["forward_passes"] > 0
+    # A 95% interval from 4 replicates misses now and then (measured on this problem: 21-22 of 24 seeds
+    # covered, mean gap -0.02 nats for both kernels), so three seeds, two of which must cover.
+    covered = 0
+    for seed in (1, 2, 3):
+        result = _run(model, data, curvature=given, seed=seed)
+        assert_restored(model, before)
+        assert isinstance(result, SequentialResult) and result.complete
+        low, high = result.log_volume_interval
+        covered += low <= truth <= high
+        assert abs(result.log_volume - truth) < 0.5, (curvature, seed, truth, result.log_volume, (low, high))
+        assert high - low < 1.5  # the replicates agree to about a nat on this 12-parameter problem
+        assert result.info["preconditioner"]["curvature"]["name"] == ("fisher" if curvature == "fisher" else "user")
+        assert result.evaluations > 0 and result.info["forward_passes"] > 0
+    assert covered >= 2, (curvature, truth)
 
 
 def test_same_seed_same_numbers_and_another_seed_other_numbers():
