@@ -2,9 +2,10 @@
 
 ``Coordinates``: the curvature's coordinates y (the eigenbasis y = Q^T theta, or theta itself for a
 diagonal), the quadratic surrogate C_q(y) = (1/2) sum_i lam_i (y_i - y0_i)^2 and its tempered law
-prior x exp(-beta C_q), an exact Gaussian. ``pcn_move``: one preconditioned Crank-Nicolson move with a
-Gaussian reference fitted to the population, Metropolis-Hastings corrected, leaving the tempered law
-pi(theta) ∝ prior(theta) exp(-beta C_alpha(theta)) invariant. All arithmetic is float64.
+prior x exp(-beta C_q), an exact Gaussian; ``log_normal``, the log density of a diagonal Gaussian (the
+start g); ``pcn_proposal``: the preconditioned Crank-Nicolson proposal about a Gaussian reference fitted
+to the population (the sampler's Metropolis-Hastings test keeps the current law invariant). All
+arithmetic is float64.
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ class Coordinates:
     def project_out(self, x: torch.Tensor) -> torch.Tensor:
         """(I - Q Q^T) x for (..., D) x: the part of x the surrogate does not see."""
         return x - (x @ self.vectors) @ self.vectors.T
-
-    def quadratic(self, y: torch.Tensor) -> torch.Tensor:
-        """C_q(y) = (1/2) sum_i lam_i (y_i - y0_i)^2 over the last axis."""
-        return 0.5 * ((y - self.anchor_y) ** 2 * self.eigenvalues).sum(-1)
 
     def tempered_gaussian(self, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance, each (k,), of prior x exp(-beta C_q) in y: precision 1/sigma^2 + beta lam."""

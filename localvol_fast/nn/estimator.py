@@ -125,7 +125,7 @@ def estimate(
         radius where the cost reaches the cutoff; a lower bound in expectation, see the README's accuracy
         section) or "sequential" (tempered sequential Monte Carlo, ``engine.sequential``: consistent, with an
         interval from n_replicates populations of n_samples particles, moved by HMC on the model's
-        gradients (``nn.costs.gradients``) after a pilot run of half as many particles; returns one
+        gradients (``nn.costs.gradients``); returns one
         ``SequentialResult`` for every cutoff asked, with the whole volume-vs-cutoff curve it passed).
         n_samples is the number of directions (rays) or of particles per replicate (sequential: 100 is
         the default for both; the accuracy benchmark uses 500 particles).
