@@ -7,8 +7,9 @@ of the truth at D = 4,810 on the digits quartic); HMC follows the gradient and k
 D^(-1/4) of the reference scale (Neal 2011, "MCMC using Hamiltonian dynamics"; Beskos et al. 2013).
 
 The potential is U = -log pi in the curvature's coordinates y (and the complement r beside them when the
-curvature has rank k < D); the mass matrix is the inverse of the population's per-axis variance (the
-complement: the prior's sigma^2), so one step size serves narrow and wide directions alike. Each leapfrog
+curvature has rank k < D); the mass matrix is the inverse of a per-axis variance the sampler gives (the
+other replicates' spread; the complement: the prior's sigma^2), so one step size serves narrow and wide
+directions alike. Each leapfrog
 step costs one evaluation of the cost and its gradient for the whole population; the Metropolis test on
 the Hamiltonian makes the move exact for pi whatever the step size.
 """

@@ -33,6 +33,15 @@ def substitution_names(model, layout) -> dict[str, list[str]]:
     return names
 
 
+def probe_outputs(cost: ModelCost, substitutions: dict[str, list[str]], params: dict, batch: Batch):
+    """The neighborhood's per-probe value of ``cost.model`` run with ``params`` (name -> tensor) in place of
+    its perturbed parameters, through ``functional_call`` (``substitutions``: ``substitution_names``)."""
+    slots = {alias: params[name] for name, aliases in substitutions.items() for alias in aliases}
+    # tie_weights=False: the slots are already complete and distinct (substitution_names).
+    outputs = functional_call(cost.model, slots, batch.args, cost._kwargs(batch), tie_weights=False)
+    return cost.neighborhood.per_probe(outputs, batch)
+
+
 class FunctionalModelCost(ModelCost):
     """``ModelCost`` of whole parameter vectors: ``costs_of_points(thetas (k, D)) -> (k,)``."""
 
@@ -48,10 +57,7 @@ class FunctionalModelCost(ModelCost):
         return thetas.clone() if len(self.batches) > 1 else thetas
 
     def _per_probe(self, params: dict, batch: Batch):
-        slots = {alias: params[name] for name, aliases in self.substitutions.items() for alias in aliases}
-        # tie_weights=False: the slots are already complete and distinct (substitution_names).
-        outputs = functional_call(self.model, slots, batch.args, self._kwargs(batch), tie_weights=False)
-        return self.neighborhood.per_probe(outputs, batch)
+        return probe_outputs(self, self.substitutions, params, batch)
 
     def _costs_vmap(self, thetas: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)

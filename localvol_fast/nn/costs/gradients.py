@@ -10,9 +10,9 @@ have no backward. A model that vmap cannot batch is evaluated one probe at a tim
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from localvol_fast.nn.costs.functional import PROBE_ELEMENTS, substitution_names
+from localvol_fast.nn.costs.functional import PROBE_ELEMENTS, probe_outputs, substitution_names
 from localvol_fast.ops import get_backend
 
 
@@ -28,9 +28,7 @@ class PointGradients:
         self.fallback_reason = None
 
     def _outputs(self, params: dict, batch):
-        slots = {alias: params[name] for name, aliases in self.substitutions.items() for alias in aliases}
-        outputs = functional_call(self.cost.model, slots, batch.args, self.cost._kwargs(batch), tie_weights=False)
-        return self.cost.neighborhood.per_probe(outputs, batch)
+        return probe_outputs(self.cost, self.substitutions, params, batch)
 
     def _chunk_cost(self, leaf: torch.Tensor, k: int, batch) -> torch.Tensor:
         """Summed-over-positions cost of each probe in ``leaf`` (c, D) on data batch k, differentiable."""
