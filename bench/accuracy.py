@@ -1,6 +1,7 @@
 """How far each volume estimator lands from a known truth: one table, problem x method.
 
     python bench/accuracy.py [--quick | --long] [--problems a,b] [--methods a,b] [--seeds N] [--first-seed K] [--out DIR]
+                             [--update]
 
 Problems (``bench/accuracy_problems.py``): the digits MLP's exact output Fisher as a quadratic cost, with
 and without separable quartic terms (in the network's coordinates, cost evaluated through its eigenbasis,
@@ -29,7 +30,8 @@ K = --first-seed, default 0: long runs can be split over processes, one seed eac
 gap = estimate - truth (nats; negative = too low); "covers": the 95% interval contains the truth.
 A method whose projected cost (memory or seconds, from a timed batch of the problem's cost) is beyond
 this machine is listed as skipped with the reason. Writes ``accuracy.md`` and ``accuracy.json`` to --out
-(default bench/results), with the torch version, the machine and the command.
+(default bench/results), with the torch version, the machine and the command; with --update, this run's
+seeds are merged into the table already there (the rest of it kept), and the table lists each update.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Sizes:
     kernel: str = "hmc"  # the sequential's moves (engine.sequential KERNELS)
     leapfrog_steps: int = 10  # evaluations per HMC move
     pilot_particles: int = 100  # the sequential's pilot run (0: none)
+    pilot_particles_large: int = 0  # ... at D = 1e6: none (its ~1,000 steps would spend the whole budget there)
     max_evaluations: int = 5_000_000
     tilted_samples: int = 50_000  # the quadratic truths' cross-check (D <= 1e4)
     mc_samples: int = 4_000_000  # the low-dimensional problems' Monte Carlo truth
@@ -103,7 +106,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(directions=100, directions_large=8, pilot_directions=16, particles=100, replicates=4,
-              moves_per_step=2, leapfrog_steps=5, pilot_particles=32, max_evaluations=200_000, tilted_samples=0,
+              moves_per_step=2, leapfrog_steps=5, pilot_particles=32, pilot_particles_large=0, max_evaluations=200_000, tilted_samples=0,
               mc_samples=500_000, seconds_per_cell=10.0, seconds_per_cell_large=20.0)
 # The sequential method on the digits quartics needs ~3-4 M evaluations, ~20 min per seed on a 2-core machine:
 # --long gives it a budget of an hour per seed (the other sizes as FULL).
@@ -249,6 +252,9 @@ class Runner:
             return self.sizes.replicates_large, self.sizes.particles_large
         return self.sizes.replicates, self.sizes.particles
 
+    def pilot_particles(self) -> int:
+        return self.sizes.pilot_particles_large if self.problem.dim > 100_000 else self.sizes.pilot_particles
+
     def seconds_budget(self) -> float:
         return self.sizes.seconds_per_cell_large if self.problem.dim > 100_000 else self.sizes.seconds_per_cell
 
@@ -262,13 +268,13 @@ class Runner:
         result = sequential_volume(
             counted, p.anchor, cutoff=p.cutoff, sigma=p.sigma, curvature=curvature, scope="local",
             n_particles=particles, n_replicates=replicates, moves_per_step=s.moves_per_step, seed=seed,
-            kernel=s.kernel, leapfrog_steps=s.leapfrog_steps, pilot_particles=s.pilot_particles,
+            kernel=s.kernel, leapfrog_steps=s.leapfrog_steps, pilot_particles=self.pilot_particles(),
             max_evaluations=budget,
         )
         seconds = time.perf_counter() - started
         last = result.steps[-1] if result.steps else {}
         details = {"particles": particles, "replicates": replicates, "moves_per_step": s.moves_per_step,
-                   "kernel": s.kernel, "leapfrog_steps": s.leapfrog_steps, "pilot_particles": s.pilot_particles,
+                   "kernel": s.kernel, "leapfrog_steps": s.leapfrog_steps, "pilot_particles": self.pilot_particles(),
                    "max_evaluations": budget, "steps": len(result.steps), "complete": result.complete,
                    "replicate_log_volumes": result.replicate_log_volumes[0],
                    "last_step": {k: last.get(k) for k in ("phase", "beta", "alpha", "mean_cost")}}
@@ -304,11 +310,10 @@ DENSE_SECONDS_PER_ELEMENT = 4.5e-11
 # ----- the table ---------------------------------------------------------------------------------
 
 
-def summarize(problem: Problem, method: str, outcomes: list[Outcome]) -> dict:
+def summarize(problem: str, truth: float, method: str, outcomes: list[Outcome]) -> dict:
     """Mean estimate and gap (nats), sd of the gap, coverage count, mean evaluations and seconds."""
-    truth = problem.truth().log_volume
     ran = [o for o in outcomes if o.status in ("ok", "incomplete") and math.isfinite(o.estimate)]
-    row = {"problem": problem.name, "method": method, "truth": truth, "seeds": len(outcomes), "ran": len(ran),
+    row = {"problem": problem, "method": method, "truth": truth, "seeds": len(outcomes), "ran": len(ran),
            "statuses": sorted({o.status for o in outcomes}), "reasons": _reasons(outcomes)}
     if not ran:
         return row
@@ -330,7 +335,7 @@ def _sizes_text(meta: dict) -> str:
             f"replicates x {z['particles']} particles ({z['replicates_large']} x {z['particles_large']} at D = 1e6), "
             f"{z['moves_per_step']} {z.get('kernel', 'pcn')} moves per step"
             + (f" of {z['leapfrog_steps']} leapfrog steps" if z.get("kernel") == "hmc" else "")
-            + f", a pilot of {z.get('pilot_particles', 0)} particles, budget {z['seconds_per_cell']:g} s ({z['seconds_per_cell_large']:g} s "
+            + f", a pilot of {z.get('pilot_particles', 0)} particles ({z.get('pilot_particles_large', z.get('pilot_particles', 0))} at D = 1e6), budget {z['seconds_per_cell']:g} s ({z['seconds_per_cell_large']:g} s "
             f"at D = 1e6) per seed by a fixed cost model, at most {z['max_evaluations']:,} evaluations.")
 
 
@@ -368,6 +373,14 @@ def markdown(rows: list[dict], truths: dict, meta: dict) -> str:
         "mean per seed (cost evaluations, wall seconds; a pilot's share included). Definitions and recipes:",
         "`bench/accuracy.py`, `bench/accuracy_problems.py`. Sizes: " + _sizes_text(meta),
         "",
+    ]
+    for update in meta.get("updates", []):
+        cells = ", ".join(f"{problem} x {method} seeds {', '.join(map(str, seeds))}" for problem, method, seeds
+                          in update["cells"])
+        lines.append(f"Updated by `{update['command']}` - {update['date']}, wall time {update['wall_seconds']:.0f} s, "
+                     f"git {update['git_commit']}: {cells} (sizes: {_sizes_text(update)}).")
+        lines.append("")
+    lines += [
         "| problem | D | truth ± SE | method | estimate | gap ± sd | interval (first seed) | covers | evals | s |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -445,7 +458,7 @@ def run_benchmark(problem_names, method_names, seeds: int, sizes: Sizes, log=pri
         for method in method_names:
             these = [runner.run(method, seed) for seed in range(first_seed, first_seed + seeds)]
             outcomes += these
-            rows.append(summarize(problem, method, these))
+            rows.append(summarize(problem.name, problem.truth().log_volume, method, these))
             row = rows[-1]
             log(f"[accuracy]   {method:22s} " + (
                 f"gap {row['gap']:10.1f} ± {row['gap_sd']:7.1f}  covers {row['covered']}/{row['ran']}  "
@@ -489,6 +502,28 @@ def write(out: Path, rows, outcomes, truths, meta) -> None:
     (out / "accuracy.json").write_text(json.dumps(_plain(data), indent=1) + "\n")
 
 
+def merge(previous: dict, rows, outcomes: list[Outcome], truths: dict, meta: dict):
+    """``--update``: this run's (problem, method, seed) outcomes replace or join those of ``previous`` (an
+    accuracy.json); every row is summarized again from the merged outcomes, and ``meta`` becomes an entry
+    of the previous meta's ``updates`` (so the table says which run gave which cells)."""
+    new = {(o.problem, o.method, o.seed) for o in outcomes}
+    kept = [Outcome(**{**o, "estimate": float(o["estimate"]), "interval": tuple(map(float, o["interval"]))})
+            for o in previous["outcomes"] if (o["problem"], o["method"], o["seed"]) not in new]  # "nan" back to nan
+    order = {(p, m): i for i, (p, m) in enumerate((p, m) for p in ALL_PROBLEMS for m in METHODS)}
+    merged = sorted(kept + list(outcomes), key=lambda o: (order.get((o.problem, o.method), len(order)), o.seed))
+    truths = {**previous["truths"], **truths}
+    cells = {}
+    for o in merged:
+        cells.setdefault((o.problem, o.method), []).append(o)
+    rows = [summarize(p, float(truths[p]["log_volume"]), m, these) for (p, m), these in cells.items()]
+    seeds = {}
+    for o in outcomes:
+        seeds.setdefault((o.problem, o.method), []).append(o.seed)
+    update = {**meta, "cells": [[p, m, s] for (p, m), s in seeds.items()]}
+    merged_meta = {**previous["machine"], "updates": [*previous["machine"].get("updates", []), update]}
+    return rows, merged, truths, merged_meta
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (~2 min): a smoke run, not the figures")
@@ -498,6 +533,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds K..K+N-1 per (problem, method) (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="K, the first seed (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for accuracy.md / accuracy.json")
+    parser.add_argument("--update", action="store_true",
+                        help="merge into --out's accuracy.json: this run's seeds replace or join its cells, the rest stay")
     args = parser.parse_args(argv)
     args.problems = _names(args.problems, ALL_PROBLEMS, "problem")
     args.methods = _names(args.methods, METHODS, "method")
@@ -526,8 +563,12 @@ def main(argv=None) -> dict:
     rows, outcomes, truths = run_benchmark(args.problems, args.methods, args.seeds, sizes, first_seed=args.first_seed)
     meta = machine(command.strip(), time.perf_counter() - started, sizes, args.seeds)
     meta["cpu_seconds"] = time.process_time() - cpu_started
+    previous = args.out / "accuracy.json"
+    if args.update and previous.exists():
+        rows, outcomes, truths, meta = merge(json.loads(previous.read_text()), rows, outcomes, truths, meta)
+    wall_seconds = time.perf_counter() - started
     write(args.out, rows, outcomes, truths, meta)
-    print(f"[accuracy] wrote {args.out / 'accuracy.md'} and accuracy.json ({meta['wall_seconds']:.0f} s)")
+    print(f"[accuracy] wrote {args.out / 'accuracy.md'} and accuracy.json ({wall_seconds:.0f} s)")
     return {"rows": rows, "truths": truths, "machine": meta}
 
 

@@ -44,3 +44,29 @@ def test_quick_accuracy_table_on_small_problems(tmp_path, monkeypatch):
     sequential = rows[("powerlaw-1e4", "sequential")]
     if "not available" not in sequential["statuses"]:
         assert abs(sequential["gap"]) < 2.0, sequential
+
+
+def test_update_merges_seeds_into_the_existing_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy_problems, "CACHE_DIR", tmp_path / "cache")
+    out = tmp_path / "results"
+    common = ["--quick", "--problems", "banana-2d", "--out", str(out)]
+    accuracy.main([*common, "--methods", "rays-isotropic,rays-diagonal-prior", "--seeds", "1"])
+    first = json.loads((out / "accuracy.json").read_text())
+    accuracy.main([*common, "--methods", "rays-isotropic", "--seeds", "1", "--first-seed", "1", "--update"])
+    merged = json.loads((out / "accuracy.json").read_text())
+
+    seeds = {(o["method"], o["seed"]) for o in merged["outcomes"]}
+    assert seeds == {("rays-isotropic", 0), ("rays-isotropic", 1), ("rays-diagonal-prior", 0)}
+    rows = {r["method"]: r for r in merged["rows"]}
+    assert rows["rays-isotropic"]["seeds"] == 2 and rows["rays-diagonal-prior"]["seeds"] == 1
+    assert rows["rays-diagonal-prior"]["estimate"] == next(r for r in first["rows"] if r["method"] == "rays-diagonal-prior")["estimate"]
+    two = [o["estimate"] for o in merged["outcomes"] if o["method"] == "rays-isotropic"]
+    assert math.isclose(rows["rays-isotropic"]["estimate"], sum(two) / 2)
+    assert merged["machine"]["command"] == first["machine"]["command"]
+    assert merged["machine"]["updates"][0]["cells"] == [["banana-2d", "rays-isotropic", [1]]]
+    assert "Updated by `python bench/accuracy.py" in (out / "accuracy.md").read_text()
+
+    # a rerun of a seed replaces it rather than counting it twice
+    accuracy.main([*common, "--methods", "rays-isotropic", "--seeds", "1", "--first-seed", "1", "--update"])
+    again = json.loads((out / "accuracy.json").read_text())
+    assert len(again["outcomes"]) == 3 and len(again["machine"]["updates"]) == 2

@@ -8,13 +8,14 @@ the same cost through ``localvol_fast.estimate``:
 - rays: isotropic, Adam's second moment (the run's own optimizer) and the output Fisher's eigenbasis
   ("hessian-eigen", rotated back), each at ``preconditioner_eps="auto"``, ``--directions`` directions;
 - sequential: ``method="sequential"`` with the exact output Fisher's eigenbasis as its surrogate,
-  ``--particles`` per replicate, ``--replicates`` replicates, HMC moves, a pilot; its state is checkpointed
+  ``--particles`` per replicate, ``--replicates`` replicates, HMC moves, no pilot (as ``estimate``
+  runs it); its state is checkpointed
   (``--checkpoint``), so an interrupted run resumes where it stopped.
 
 No truth is known here: the ray estimates are lower bounds in expectation, the sequential one is
 consistent with a replicate interval (which a bias the replicates share would not show; on the quartic
 surrogates of this network, bench/accuracy.py measures that bias). Writes
-``bench/results/real_network.{json,md}``. The full run takes about an hour on 2 cores (``--inputs 256``).
+``bench/results/real_network.{json,md}``. The full run takes about 40 minutes on one free core (``--inputs 256``).
 
     python bench/real_network.py [--inputs 256] [--particles 200] [--replicates 4] [--directions 1000]
 """
@@ -26,6 +27,7 @@ import json
 import math
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
         rows.append(sequential_row(run, x, args))
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent).stdout.strip()
-    meta = {"command": "python bench/real_network.py " + " ".join(argv or []), "git": git or "unknown",
+    meta = {"command": "python bench/real_network.py " + " ".join(sys.argv[1:] if argv is None else argv), "git": git or "unknown",
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "wall_seconds": time.perf_counter() - began,
             "dim": sum(p.numel() for p in run.model.parameters()), "inputs": int(x.shape[0]),
             "train_seed": args.train_seed, "seed": args.seed}
