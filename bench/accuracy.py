@@ -1,7 +1,7 @@
 """How far each volume estimator lands from a known truth: one table, problem x method.
 
     python bench/accuracy.py [--quick | --long] [--problems a,b] [--methods a,b] [--seeds N] [--first-seed K] [--out DIR]
-                             [--update]
+                             [--moves-per-step M] [--update]
 
 Problems (``bench/accuracy_problems.py``): the digits MLP's exact output Fisher as a quadratic cost, with
 and without separable quartic terms (in the network's coordinates, cost evaluated through its eigenbasis,
@@ -37,6 +37,7 @@ seeds are merged into the table already there (the rest of it kept), and the tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -533,6 +534,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds K..K+N-1 per (problem, method) (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="K, the first seed (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for accuracy.md / accuracy.json")
+    parser.add_argument("--moves-per-step", type=int, default=None,
+                        help="the sequential's MCMC moves per step (default: the size's, 2)")
     parser.add_argument("--update", action="store_true",
                         help="merge into --out's accuracy.json: this run's seeds replace or join its cells, the rest stay")
     args = parser.parse_args(argv)
@@ -540,6 +543,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.methods = _names(args.methods, METHODS, "method")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.moves_per_step is not None and args.moves_per_step < 1:
+        parser.error(f"--moves-per-step must be at least 1, got {args.moves_per_step}")
     if args.first_seed < 0:
         parser.error(f"--first-seed must be at least 0, got {args.first_seed}")
     return args
@@ -558,6 +563,8 @@ def _names(text, known, what):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sizes = QUICK if args.quick else LONG if args.long else FULL
+    if args.moves_per_step is not None:
+        sizes = dataclasses.replace(sizes, moves_per_step=args.moves_per_step)
     command = "python bench/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started, cpu_started = time.perf_counter(), time.process_time()
     rows, outcomes, truths = run_benchmark(args.problems, args.methods, args.seeds, sizes, first_seed=args.first_seed)

@@ -69,8 +69,10 @@ def ray_rows(run, x, args) -> list[dict]:
         result = lv.estimate(run.model, x, cutoff=CUTOFF, sigma=PRIOR_SIGMA, n_samples=args.directions, seed=args.seed,
                              progress=False, **options)
         low, high = result.log_volume_interval if hasattr(result, "log_volume_interval") else (math.nan, math.nan)
+        choice = result.info.get("preconditioner", {}).get("eps_choice", {})
+        pilot = sum(f["evaluations"] for f in choice.get("per_eps", []))  # the eps' pilot's directions
         rows.append({"method": name, "log_volume": result.log_volume, "interval": [low, high],
-                     "evaluations": int(result.info.get("forward_passes", 0)), "seconds": time.perf_counter() - started,
+                     "evaluations": int(result.n_evals.sum()) + pilot, "seconds": time.perf_counter() - started,
                      "preconditioner_eps": result.info.get("preconditioner", {}).get("eps"),
                      "ess": getattr(result, "ess", None)})
         print(f"[real-network] {name}: {result.log_volume:,.1f} nats ({rows[-1]['seconds']:.0f} s)", flush=True)
@@ -112,8 +114,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         below = reference - r["log_volume"] if r["method"] != "sequential" else math.nan
         lines.append(f"| {r['method']} | {r['log_volume']:,.1f} | {interval} | "
                      f"{'' if not math.isfinite(below) else f'{below:,.1f}'} | {r['evaluations']:,} | {r['seconds']:.0f} |")
-    lines += ["", "Evaluations: forward passes over the inputs for the rays; cost evaluations (each with its gradient "
-              "for the HMC moves: one forward and one backward pass) for the sequential method."]
+    sequential = next((r for r in rows if r["method"] == "sequential"), None)
+    if sequential is not None:
+        config = sequential["config"]
+        lines += ["", f"Sequential: {config.get('n_replicates')} replicates x {config.get('n_particles')} particles, "
+                  f"{config.get('moves_per_step')} {config.get('kernel')} moves per step, {sequential['steps']} steps; "
+                  "the replicates' estimates: " + ", ".join(f"{v:,.1f}" for v in sequential["replicates"])
+                  + " (the interval is theirs: t with R - 1 degrees of freedom)."]
+        if sequential["seconds_this_session"] < 0.5 * sequential["seconds"]:
+            lines += ["", f"The sequential row was read back from its checkpoint (`--checkpoint`): its {sequential['seconds']:,.0f} s "
+                      "are those of the run that computed it, not of this one."]
+    lines += ["", "Evaluations: cost evaluations (the KL over the inputs at one parameter point), the rays' eps pilot "
+              "included; each of the sequential method's comes with its gradient for the HMC moves (one forward and one "
+              "backward pass)."]
     return "\n".join(lines) + "\n"
 
 
