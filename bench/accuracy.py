@@ -109,9 +109,11 @@ FULL = Sizes()
 QUICK = Sizes(directions=100, directions_large=8, pilot_directions=16, particles=100, replicates=4,
               moves_per_step=2, leapfrog_steps=5, pilot_particles=32, pilot_particles_large=0, max_evaluations=200_000, tilted_samples=0,
               mc_samples=500_000, seconds_per_cell=10.0, seconds_per_cell_large=20.0)
-# The sequential method on the digits quartics needs ~3-4 M evaluations, ~20 min per seed on a 2-core machine:
-# --long gives it a budget of an hour per seed (the other sizes as FULL).
-LONG = Sizes(seconds_per_cell=3600.0)
+# The sequential method on the digits quartics needs ~2-3.5 M evaluations, 10-20 min per seed on one core:
+# --long gives it a budget of an hour per seed and 6 moves per step (the other sizes as FULL). With 2 moves
+# its population lagged, about -1 nat on the quartic 1e-2, and the interval missed the truth in 2 seeds of 3;
+# with 6, 1.7x the evaluations (bench/results/long*/, bench/sequential_mixing.py).
+LONG = Sizes(seconds_per_cell=3600.0, moves_per_step=6)
 
 
 @dataclass
@@ -528,7 +530,8 @@ def merge(previous: dict, rows, outcomes: list[Outcome], truths: dict, meta: dic
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (~2 min): a smoke run, not the figures")
-    parser.add_argument("--long", action="store_true", help="the sequential's budget an hour per seed (quartics: ~20 min)")
+    parser.add_argument("--long", action="store_true",
+                        help="the sequential's budget an hour per seed, 6 moves per step (quartics: ~20 min)")
     parser.add_argument("--problems", default=None, help=f"comma-separated (default all): {','.join(ALL_PROBLEMS)}")
     parser.add_argument("--methods", default=None, help=f"comma-separated (default all): {','.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds K..K+N-1 per (problem, method) (default 3)")

@@ -70,3 +70,14 @@ def test_update_merges_seeds_into_the_existing_table(tmp_path, monkeypatch):
     accuracy.main([*common, "--methods", "rays-isotropic", "--seeds", "1", "--first-seed", "1", "--update"])
     again = json.loads((out / "accuracy.json").read_text())
     assert len(again["outcomes"]) == 3 and len(again["machine"]["updates"]) == 2
+
+
+def test_sequential_mixing_table(tmp_path):
+    import sequential_mixing
+
+    summary = sequential_mixing.main(["--dim", "8", "--seeds", "2", "--configs", "40x1", "--out", str(tmp_path)])
+    rows = summary["rows"]
+    assert [(r["particles"], r["moves_per_step"], r["seed"]) for r in rows] == [(40, 1, 0), (40, 1, 1)]
+    for r in rows:
+        assert abs(r["gap"]) < 2.0 and r["interval"][0] < r["interval"][1], r  # D = 8: the sampler is close
+    assert "| 40 x 1 | 2 |" in (tmp_path / "sequential_mixing.md").read_text()
