@@ -136,7 +136,7 @@ def estimate(
         curvature: the surrogate's Hessian, "auto", "fisher-eigen", "diag-h", "fisher" (``nn.sequential``),
         a (D,) tensor or an (eigenvalues, vectors) pair. moves_per_step: HMC moves after each step; more
         cost proportionally more and shrink the population's lag, a bias low the interval does not show
-        (measured: about -1 nat with 2 and -0.1 with 6, README's accuracy section).
+        (measured: about -1 nat with 2 and -0.2 with 6, README's accuracy section).
         max_evaluations: stop early (result.complete False).
         The sequential method takes the Gaussian measure with a scalar sigma, no preconditioner and no
         distributed run; output/resume keep its latest state in the file named by output.
