@@ -112,7 +112,7 @@ QUICK = Sizes(directions=100, directions_large=8, pilot_directions=16, particles
 # The sequential method on the digits quartics needs ~2-3.5 M evaluations, 10-20 min per seed on one core:
 # --long gives it a budget of an hour per seed and 6 moves per step (the other sizes as FULL). With 2 moves
 # its population lagged, about -1 nat on the quartic 1e-2, and the interval missed the truth in 2 seeds of 3;
-# with 6, 1.7x the evaluations (bench/results/long*/, bench/sequential_mixing.py).
+# with 6 (1.7x the evaluations) every interval covered, 5 seeds (bench/results/long*/, bench/sequential_mixing.py).
 LONG = Sizes(seconds_per_cell=3600.0, moves_per_step=6)
 
 
@@ -538,7 +538,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--first-seed", type=int, default=0, help="K, the first seed (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for accuracy.md / accuracy.json")
     parser.add_argument("--moves-per-step", type=int, default=None,
-                        help="the sequential's MCMC moves per step (default: the size's, 2)")
+                        help="the sequential's MCMC moves per step (default: the size's, 2; 6 with --long)")
     parser.add_argument("--update", action="store_true",
                         help="merge into --out's accuracy.json: this run's seeds replace or join its cells, the rest stay")
     args = parser.parse_args(argv)

@@ -102,7 +102,8 @@ def sequential_volume(
     n_particles: N per replicate; n_replicates: R (>= 2 for an interval); moves_per_step: MCMC moves
         after each reweighting (fewer moves let the population lag behind its law, which biases log V
         low by more than the interval shows: measured, about -1 nat with 2 moves and -0.2 with 6 on a
-        D = 400 quartic and on the digits quartic 1e-2, ``bench/sequential_mixing.py``); target_cess: each step's conditional ESS, as a fraction of N;
+        D = 400 quartic and on the digits quartic 1e-2, ``bench/sequential_mixing.py``);
+        target_cess: each step's conditional ESS, as a fraction of N;
         target_acceptance: the move size adapts toward this acceptance rate (None: 0.65 for HMC, 0.3 for pCN).
     kernel: "hmc" (each move is a trajectory of ``leapfrog_steps`` evaluations of the cost and its
         gradient) or "pcn" (one evaluation of the cost per move; mixes poorly in high dimension on
