@@ -37,8 +37,10 @@ seeds are merged into the table already there (the rest of it kept), and the tab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -499,10 +501,27 @@ def _plain(value):
 
 
 def write(out: Path, rows, outcomes, truths, meta) -> None:
+    """Both files replaced whole (written beside, then renamed), so a reader never sees half of one."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.md").write_text(markdown(rows, truths, meta))
     data = {"machine": meta, "truths": truths, "rows": rows, "outcomes": [o.__dict__ for o in outcomes]}
-    (out / "accuracy.json").write_text(json.dumps(_plain(data), indent=1) + "\n")
+    for name, text in (("accuracy.md", markdown(rows, truths, meta)),
+                       ("accuracy.json", json.dumps(_plain(data), indent=1) + "\n")):
+        partial = out / f".{name}.partial"
+        partial.write_text(text)
+        os.replace(partial, out / name)
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Holds an exclusive lock on the folder ``out``: seeds run as separate processes into one table
+    (``--update``) take turns to read, merge and write it, so none loses another's outcomes."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def merge(previous: dict, rows, outcomes: list[Outcome], truths: dict, meta: dict):
@@ -574,10 +593,11 @@ def main(argv=None) -> dict:
     meta = machine(command.strip(), time.perf_counter() - started, sizes, args.seeds)
     meta["cpu_seconds"] = time.process_time() - cpu_started
     previous = args.out / "accuracy.json"
-    if args.update and previous.exists():
-        rows, outcomes, truths, meta = merge(json.loads(previous.read_text()), rows, outcomes, truths, meta)
+    with exclusive(args.out) if args.update else contextlib.nullcontext():
+        if args.update and previous.exists():
+            rows, outcomes, truths, meta = merge(json.loads(previous.read_text()), rows, outcomes, truths, meta)
+        write(args.out, rows, outcomes, truths, meta)
     wall_seconds = time.perf_counter() - started
-    write(args.out, rows, outcomes, truths, meta)
     print(f"[accuracy] wrote {args.out / 'accuracy.md'} and accuracy.json ({wall_seconds:.0f} s)")
     return {"rows": rows, "truths": truths, "machine": meta}
 

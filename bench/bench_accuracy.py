@@ -9,10 +9,14 @@ benchmark's figures themselves come from the full run (``python bench/accuracy.p
     python -m pytest -q -p no:cacheprovider bench/bench_accuracy.py
 """
 
+import fcntl
 import json
 import math
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -70,6 +74,24 @@ def test_update_merges_seeds_into_the_existing_table(tmp_path, monkeypatch):
     accuracy.main([*common, "--methods", "rays-isotropic", "--seeds", "1", "--first-seed", "1", "--update"])
     again = json.loads((out / "accuracy.json").read_text())
     assert len(again["outcomes"]) == 3 and len(again["machine"]["updates"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.json", "accuracy.md"]  # no partial file left
+
+
+def test_update_waits_for_the_table_lock(tmp_path):
+    # seeds run as separate processes merge into one table; a second merger must wait for the first
+    out = tmp_path / "results"
+    with accuracy.exclusive(out):
+        other = os.open(out, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    free = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving
+    finally:
+        os.close(free)
 
 
 def test_sequential_mixing_table(tmp_path):
