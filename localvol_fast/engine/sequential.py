@@ -49,7 +49,7 @@ from localvol_fast.engine.estimator import ANCHOR_COST_TOLERANCE
 from localvol_fast.engine.progress import ProgressBar
 from localvol_fast.engine.sequential_hmc import hmc_move, value_and_gradient_by_autograd
 from localvol_fast.engine.sequential_moves import (
-    coordinates_of, log_normal, pcn_proposal, reference_log_ratio, weighted_moments,
+    coordinates_of, log_normal_ratio, pcn_proposal, reference_log_ratio, weighted_moments,
 )
 from localvol_fast.engine.sequential_result import SequentialResult, replicate_interval
 
@@ -192,9 +192,11 @@ class SequentialSampler:
         """Costs (R, N) and the cost's gradient in y (R, N, k) and in the complement r (R, N, D, or None);
         a non-finite cost counts as +inf (its gradient as 0: HMC rejects such points anyway)."""
         cost, grad = self._evaluate(y, r, with_gradient=True)
-        bad = ~torch.isfinite(grad).all(-1) | torch.isinf(cost)
-        grad = torch.where(bad.unsqueeze(-1), torch.zeros_like(grad), grad)
-        cost = torch.where(bad, torch.full_like(cost, math.inf), cost)
+        # a row's sum is finite unless one of its entries is not (or it overflows: then it is treated as bad too)
+        bad = ~torch.isfinite(grad.sum(-1)) | torch.isinf(cost)
+        if bool(bad.any()):
+            grad = grad.masked_fill(bad.unsqueeze(-1), 0.0)
+            cost = cost.masked_fill(bad, math.inf)
         grad_y = grad if self.coords.vectors is None else grad @ self.coords.vectors
         grad_r = self.coords.project_out(grad) if self.coords.has_complement else None
         return cost, grad_y, grad_r
@@ -276,8 +278,11 @@ class SequentialSampler:
         return bridge >= _PILOT_MIN_BRIDGE or self.scope == "global"
 
     def start_log_ratio(self, y: torch.Tensor) -> torch.Tensor:
-        """l(y) = log g(y) - log prior(y) over the last axis of y (the complement cancels)."""
-        return log_normal(y, self.start_mean, self.start_var) - log_normal(y, 0.0, self.sigma**2)
+        """l(y) = log g(y) - log prior(y) over the last axis of y (the complement cancels); 0 once the
+        bridge is done (alpha = 1), where l no longer enters the law, to spare its passes over y."""
+        if self.alpha == 1.0:
+            return torch.zeros(y.shape[:-1], dtype=torch.float64, device=y.device)
+        return log_normal_ratio(y, self.start_mean, self.start_var, self.sigma**2)
 
     def log_target(self, cost, log_start) -> torch.Tensor:
         """log [pi / prior] = (1 - alpha) l - alpha beta C, up to a constant; C = inf gives -inf."""
@@ -498,10 +503,12 @@ class SequentialSampler:
     def _potential(self, y, r, cost, log_start, grad_y, grad_r):
         """U = -log pi (up to a constant) and its gradients in y and r, from the cost's gradients."""
         a, sigma2 = self.alpha, self.sigma**2
-        u = 0.5 * (y * y).sum(-1) / sigma2 - self.log_target(cost, log_start)
-        # d l / dy = -(y - m) / v + y / sigma^2
-        d_start = -(y - self.start_mean) / self.start_var + y / sigma2
-        gy = y / sigma2 - (1.0 - a) * d_start + a * self.beta * grad_y
+        u = 0.5 * torch.linalg.vecdot(y, y) / sigma2 - self.log_target(cost, log_start)
+        # with d l / dy = -(y - m) / v + y / sigma^2: dU/dy = a y / sigma^2 + (1 - a)(y - m) / v + a beta dC/dy,
+        # written as in-place passes over the (R, N, k) arrays (the sampler's own cost is memory traffic)
+        gy = torch.mul(grad_y, a * self.beta).add_(y, alpha=a / sigma2)
+        if a < 1.0:
+            gy.addcmul_(y - self.start_mean, (1.0 - a) / self.start_var)
         gr = None
         if r is not None:
             u = u + 0.5 * (r * r).sum(-1) / sigma2

@@ -48,19 +48,21 @@ def hmc_move(y, r, here, potential: Potential, *, inverse_mass, step, n_steps: i
     sigma2 = None if r is None else complement_variance
     u0, gy, gr, _ = here
     h0 = u0 + _kinetic(p, q, m_inv, sigma2)
-    y_new, r_new = y, r
-    p = p - 0.5 * eps * gy
+    drift = eps * m_inv  # (R, N, k): the position step per unit momentum, the same for the whole trajectory
+    # p, q and the positions are this function's own arrays from here on: updated in place (fewer passes)
+    p = p.addcmul_(eps, gy, value=-0.5)
     if q is not None:
-        q = q - 0.5 * eps * gr
+        q = q.addcmul_(eps, gr, value=-0.5)
+    y_new, r_new = y.clone(), None if r is None else r.clone()
     for k in range(n_steps):
-        y_new = y_new + eps * m_inv * p
+        y_new.addcmul_(drift, p)
         if q is not None:
-            r_new = r_new + eps * sigma2 * q
+            r_new.addcmul_(eps, q, value=sigma2)
         u1, gy, gr, kept = potential(y_new, r_new)
-        scale = eps if k < n_steps - 1 else 0.5 * eps
-        p = p - scale * torch.nan_to_num(gy, nan=0.0, posinf=0.0, neginf=0.0)
+        weight = -1.0 if k < n_steps - 1 else -0.5
+        p.addcmul_(eps, torch.nan_to_num(gy, nan=0.0, posinf=0.0, neginf=0.0), value=weight)
         if q is not None:
-            q = q - scale * torch.nan_to_num(gr, nan=0.0, posinf=0.0, neginf=0.0)
+            q.addcmul_(eps, torch.nan_to_num(gr, nan=0.0, posinf=0.0, neginf=0.0), value=weight)
     h1 = u1 + _kinetic(p, q, m_inv, sigma2)
     log_ratio = torch.nan_to_num(h0 - h1, nan=-math.inf)
     u = torch.rand(log_ratio.shape, generator=generator, dtype=torch.float64, device=y.device)
@@ -69,9 +71,9 @@ def hmc_move(y, r, here, potential: Potential, *, inverse_mass, step, n_steps: i
 
 
 def _kinetic(p, q, m_inv, sigma2) -> torch.Tensor:
-    k = 0.5 * (p * p * m_inv).sum(-1)
+    k = 0.5 * torch.linalg.vecdot(p * m_inv, p)
     if q is not None:
-        k = k + 0.5 * sigma2 * (q * q).sum(-1)
+        k = k + 0.5 * sigma2 * torch.linalg.vecdot(q, q)
     return k
 
 

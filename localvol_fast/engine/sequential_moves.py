@@ -2,8 +2,8 @@
 
 ``Coordinates``: the curvature's coordinates y (the eigenbasis y = Q^T theta, or theta itself for a
 diagonal), the quadratic surrogate C_q(y) = (1/2) sum_i lam_i (y_i - y0_i)^2 and its tempered law
-prior x exp(-beta C_q), an exact Gaussian; ``log_normal``, the log density of a diagonal Gaussian (the
-start g); ``pcn_proposal``: the preconditioned Crank-Nicolson proposal about a Gaussian reference fitted
+prior x exp(-beta C_q), an exact Gaussian; ``log_normal_ratio``, the log density ratio of a diagonal Gaussian (the
+start g) to the prior; ``pcn_proposal``: the preconditioned Crank-Nicolson proposal about a Gaussian reference fitted
 to the population (the sampler's Metropolis-Hastings test keeps the current law invariant). All
 arithmetic is float64.
 """
@@ -98,10 +98,13 @@ class Coordinates:
         return self.sigma * self.project_out(noise)
 
 
-def log_normal(y: torch.Tensor, mean, var) -> torch.Tensor:
-    """log N(y; mean, diag var) summed over the last axis (normalized); mean and var broadcast."""
-    var = torch.as_tensor(var, dtype=torch.float64, device=y.device)
-    return -0.5 * (((y - mean) ** 2 / var).sum(-1) + torch.log(2 * math.pi * var).expand(y.shape[-1:]).sum())
+def log_normal_ratio(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """log N(y; mean, diag var) - log N(y; 0, sigma2 I), summed over the last axis: (...,) from (..., k).
+
+    Four passes over y (its difference from the mean squared in place, two dot products): it runs at
+    every leapfrog step on the whole population."""
+    d = (y - mean).square_()
+    return 0.5 * (torch.linalg.vecdot(y, y) / sigma2 - d @ var.reciprocal() - torch.log(var / sigma2).sum())
 
 
 def log_prior_y(y: torch.Tensor, sigma: float) -> torch.Tensor:
