@@ -8,16 +8,17 @@ the same cost through ``localvol_fast.estimate``:
 - rays: isotropic, Adam's second moment (the run's own optimizer) and the output Fisher's eigenbasis
   ("hessian-eigen", rotated back), each at ``preconditioner_eps="auto"``, ``--directions`` directions;
 - sequential: ``method="sequential"`` with the exact output Fisher's eigenbasis as its surrogate,
-  ``--particles`` per replicate, ``--replicates`` replicates, HMC moves, no pilot (as ``estimate``
-  runs it); its state is checkpointed
-  (``--checkpoint``), so an interrupted run resumes where it stopped.
+  ``--particles`` per replicate, ``--replicates`` replicates, ``--moves-per-step`` HMC moves (6), no pilot
+  (as ``estimate`` runs it); its state is checkpointed (``--checkpoint``), so an interrupted run resumes
+  where it stopped.
 
 No truth is known here: the ray estimates are lower bounds in expectation, the sequential one is
 consistent with a replicate interval (which a bias the replicates share would not show; on the quartic
 surrogates of this network, bench/accuracy.py measures that bias). Writes
-``bench/results/real_network.{json,md}``. The full run takes about 40 minutes on one free core (``--inputs 256``).
+``bench/results/real_network.{json,md}``. The full run took 65 minutes with 2 moves per step on a shared
+core (``--inputs 256``); 6 moves cost about 3 times as many evaluations.
 
-    python bench/real_network.py [--inputs 256] [--particles 200] [--replicates 4] [--directions 1000]
+    python bench/real_network.py [--inputs 256] [--particles 200] [--replicates 4] [--moves-per-step 6] [--directions 1000]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--directions", type=int, default=1000)
     parser.add_argument("--particles", type=int, default=200)
     parser.add_argument("--replicates", type=int, default=4)
+    parser.add_argument("--moves-per-step", type=int, default=6, help="HMC moves per step (estimate's default, 6)")
     parser.add_argument("--max-evaluations", type=int, default=5_000_000)
     parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent / ".cache" / "real_network.state")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -83,7 +85,8 @@ def sequential_row(run, x, args) -> dict:
     args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = lv.estimate(run.model, x, method="sequential", cutoff=CUTOFF, sigma=PRIOR_SIGMA, n_samples=args.particles,
-                         n_replicates=args.replicates, curvature="fisher-eigen", seed=args.seed,
+                         n_replicates=args.replicates, moves_per_step=args.moves_per_step, curvature="fisher-eigen",
+                         seed=args.seed,
                          max_evaluations=args.max_evaluations, output=args.checkpoint, resume=args.checkpoint.exists(),
                          progress=True)
     low, high = result.log_volume_interval

@@ -75,7 +75,7 @@ def sequential_volume(
     scope: str = "local",
     n_particles: int = 500,
     n_replicates: int = 4,
-    moves_per_step: int = 2,
+    moves_per_step: int = 6,
     target_cess: float = 0.7,
     target_acceptance: float | None = None,
     kernel: str = "hmc",
@@ -100,9 +100,10 @@ def sequential_volume(
         (H = Q diag(lam) Q^T; ``vectors`` None means a diagonal), or an (eigenvalues, vectors) pair.
         Required for scope="local"; for "global" it only shapes the moves (None: theta's own axes).
     n_particles: N per replicate; n_replicates: R (>= 2 for an interval); moves_per_step: MCMC moves
-        after each reweighting (fewer moves let the population lag behind its law, which biases log V
-        low by more than the interval shows: measured, about -1 nat with 2 moves and -0.2 with 6 on a
-        D = 400 quartic and on the digits quartic 1e-2, ``bench/sequential_mixing.py``);
+        after each reweighting (default 6, the setting whose intervals covered the truth in the accuracy
+        benchmark; fewer let the population lag behind its law, which biases log V low by more than the
+        interval shows: measured, about -1 nat with 2 moves and -0.2 with 6 on a D = 400 quartic and on
+        the digits quartic 1e-2, ``bench/sequential_mixing.py``);
         target_cess: each step's conditional ESS, as a fraction of N;
         target_acceptance: the move size adapts toward this acceptance rate (None: 0.65 for HMC, 0.3 for pCN).
     kernel: "hmc" (each move is a trajectory of ``leapfrog_steps`` evaluations of the cost and its
@@ -137,7 +138,7 @@ class SequentialSampler:
     """
 
     def __init__(self, fn, anchor, *, cutoff, sigma, curvature=None, scope="local", n_particles=500,
-                 n_replicates=4, moves_per_step=2, target_cess=0.7, target_acceptance=None, kernel="hmc",
+                 n_replicates=4, moves_per_step=6, target_cess=0.7, target_acceptance=None, kernel="hmc",
                  gradient=None, leapfrog_steps=10, pilot_particles=0, seed=0, max_evaluations=None,
                  batch_size=None):
         if not callable(fn):
