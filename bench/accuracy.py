@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accuracy_problems as problems_module  # noqa: E402
 from accuracy_problems import Problem  # noqa: E402
+from provenance import short_commit  # noqa: E402
 
 from localvol_fast import __version__  # noqa: E402
 from localvol_fast.core.preconditioners import Eigenbasis  # noqa: E402
@@ -69,7 +70,6 @@ try:  # written at the same time as this benchmark
 except ImportError:  # pragma: no cover - only before engine/sequential.py exists
     sequential_volume = None
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = (
     "rays-isotropic", "rays-diagonal-sqrt", "rays-diagonal-prior", "rays-eigenbasis-sqrt", "rays-eigenbasis-prior",
@@ -473,17 +473,13 @@ def run_benchmark(problem_names, method_names, seeds: int, sizes: Sizes, log=pri
 
 
 def machine(command: str, wall_seconds: float, sizes: Sizes, seeds: int) -> dict:
-    try:
-        commit = os.popen(f"git -C {REPO} rev-parse --short HEAD 2>/dev/null").read().strip() or "unknown"
-    except OSError:
-        commit = "unknown"
     return {
         "command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds": wall_seconds, "torch": torch.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "localvol_fast": __version__,
-        "git_commit": commit, "seeds": seeds, "sizes": sizes.__dict__,
+        "git_commit": short_commit(), "seeds": seeds, "sizes": sizes.__dict__,
     }
 
 

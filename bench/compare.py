@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -40,7 +39,11 @@ from pathlib import Path
 
 import torch
 
-import localvol_fast as lv
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
+from provenance import git  # noqa: E402
+
+import localvol_fast as lv  # noqa: E402
 from localvol_fast.apps.baseline import baseline_estimate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,14 +88,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git(*args) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def _available_backends() -> list[str]:
     finder = getattr(lv, "available_backends", None)
     if finder is None:
@@ -115,10 +110,10 @@ def machine_info(threads: int) -> dict:
         transformers_version = transformers.__version__
     except ImportError:
         transformers_version = None
-    commit = _git("rev-parse", "HEAD")
+    commit = git("rev-parse", "HEAD")
     dirty = None
     if commit is not None:
-        dirty = _git("diff", "--no-ext-diff", "--stat", "HEAD", "--") not in ("", None)
+        dirty = git("diff", "--no-ext-diff", "--stat", "HEAD", "--") not in ("", None)
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),

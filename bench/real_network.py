@@ -27,14 +27,17 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import localvol_fast as lv
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
+from provenance import short_commit  # noqa: E402
+
+import localvol_fast as lv  # noqa: E402
 from localvol_fast.apps.digits import PRIOR_SIGMA, train_paper_digits
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,9 +145,7 @@ def main(argv=None) -> dict:
     rows = ray_rows(run, x, args)
     if not args.skip_sequential:
         rows.append(sequential_row(run, x, args))
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent).stdout.strip()
-    meta = {"command": "python bench/real_network.py " + " ".join(sys.argv[1:] if argv is None else argv), "git": git or "unknown",
+    meta = {"command": "python bench/real_network.py " + " ".join(sys.argv[1:] if argv is None else argv), "git": short_commit(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "wall_seconds": time.perf_counter() - began,
             "dim": sum(p.numel() for p in run.model.parameters()), "inputs": int(x.shape[0]),
             "train_seed": args.train_seed, "seed": args.seed}

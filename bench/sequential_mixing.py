@@ -19,14 +19,17 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from localvol_fast.core.separable import separable_log_volume
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
+from provenance import short_commit  # noqa: E402
+
+from localvol_fast.core.separable import separable_log_volume  # noqa: E402
 from localvol_fast.engine.sequential import sequential_volume
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,10 +113,8 @@ def main(argv=None) -> dict:
     configs = [config(c) for c in args.configs.split(",") if c.strip()]
     began = time.perf_counter()
     truth, rows = run(args.dim, configs, args.seeds)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent).stdout.strip()
     meta = {"command": "python bench/sequential_mixing.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "git": git or "unknown", "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+            "git": short_commit(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "wall_seconds": time.perf_counter() - began, "dim": args.dim, "truth": truth}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sequential_mixing.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
