@@ -95,7 +95,7 @@ class Sizes:
     replicates: int = 4
     particles_large: int = 25  # ... at D = 1e6 (the population is R x N x D float64)
     replicates_large: int = 2
-    moves_per_step: int = 2
+    moves_per_step: int = 2  # as bench/results/accuracy.md was measured; estimate's default and --long: 6
     kernel: str = "hmc"  # the sequential's moves (engine.sequential KERNELS)
     leapfrog_steps: int = 10  # evaluations per HMC move
     pilot_particles: int = 100  # the sequential's pilot run (0: none)
