@@ -14,8 +14,9 @@ HMC with the other replicates' per-axis scales as its mass (``engine.sequential_
 cost's gradient) or, for costs without one, pCN with a Gaussian reference fitted to the population.
 
 scope="local": g is the exact Gaussian prior x exp(-beta0 C_q) / Z_q (C_q the quadratic surrogate of
-the curvature, closed-form Z_q), beta0 the surrogate's saddlepoint for the largest cutoff: then the
-bridge is C_q + alpha (C - C_q), with no variance at all on a quadratic cost. With a pilot
+the curvature, closed-form Z_q), beta0 the surrogate's saddlepoint for the largest cutoff (or for a
+larger ``start_cutoff``, a wider start: a bent neighborhood needs one): then the bridge is
+C_q + alpha (C - C_q), with no variance at all on a quadratic cost. With a pilot
 (``pilot_particles``) a short run of its own first carries a small population the whole way, and g is the
 Gaussian fitted to where it landed (per axis of y, at its beta): the main run's bridge is then short,
 its cost spent on many particles instead of a long path (the pilot changes the path, never the
@@ -82,6 +83,7 @@ def sequential_volume(
     gradient: Callable | None = None,
     leapfrog_steps: int = 10,
     pilot_particles: int = 0,
+    start_cutoff: float | None = None,
     seed: int = 0,
     max_evaluations: int | None = None,
     batch_size: int | None = None,
@@ -112,6 +114,12 @@ def sequential_volume(
         differentiates ``fn`` with autograd.
     pilot_particles: 0, or the particles of a one-replicate pilot run whose landing population gives
         the main run's Gaussian start (module docstring); its evaluations count in the total.
+    start_cutoff: scope="local": the cutoff the surrogate's start is tempered for (None: the largest
+        cutoff asked). A larger one starts the population wider and tempering then contracts it onto the
+        cutoffs, so it covers the parts of a bent neighborhood the straight quadratic surrogate misses.
+        Measured on the benchmark's 2-D banana (4 seeds, 6 moves): a start at the cutoff 0.45 nats low,
+        no interval covering (50 moves per step: still 0.32 low); at 100 x the cutoff +0.03, 4 of 4
+        covering, at the same cost. The population may then reach further from the anchor.
     seed: the same seed gives the same result for any ``batch_size``.
     max_evaluations: stop (result.complete False) before a step would exceed this many evaluations.
     on_step(sampler): called after every step, e.g. to save ``sampler.state_dict()``; ``state``: such
@@ -121,7 +129,8 @@ def sequential_volume(
         fn, anchor, cutoff=cutoff, sigma=sigma, curvature=curvature, scope=scope, n_particles=n_particles,
         n_replicates=n_replicates, moves_per_step=moves_per_step, target_cess=target_cess,
         target_acceptance=target_acceptance, kernel=kernel, gradient=gradient, leapfrog_steps=leapfrog_steps,
-        pilot_particles=pilot_particles, seed=seed, max_evaluations=max_evaluations, batch_size=batch_size,
+        pilot_particles=pilot_particles, start_cutoff=start_cutoff, seed=seed, max_evaluations=max_evaluations,
+        batch_size=batch_size,
     )
     if state is not None:
         sampler.load_state_dict(state)
@@ -139,8 +148,8 @@ class SequentialSampler:
 
     def __init__(self, fn, anchor, *, cutoff, sigma, curvature=None, scope="local", n_particles=500,
                  n_replicates=4, moves_per_step=6, target_cess=0.7, target_acceptance=None, kernel="hmc",
-                 gradient=None, leapfrog_steps=10, pilot_particles=0, seed=0, max_evaluations=None,
-                 batch_size=None):
+                 gradient=None, leapfrog_steps=10, pilot_particles=0, start_cutoff=None, seed=0,
+                 max_evaluations=None, batch_size=None):
         if not callable(fn):
             raise TypeError(f"fn must be callable (a (B, D) batch -> (B,) costs), got {type(fn).__name__}")
         self.fn, self.anchor = fn, check_anchor(anchor)
@@ -167,6 +176,7 @@ class SequentialSampler:
                                              what="particles of the pilot run (0: none)")
         if self.pilot_particles == 1:
             raise ValueError("pilot_particles must be 0 (no pilot) or at least 2, got 1")
+        self.start_cutoff = self._checked_start_cutoff(start_cutoff)
         self.seed = check_seed(seed)
         self.max_evaluations = None if max_evaluations is None else check_integer(max_evaluations, "max_evaluations")
         self.batch_size = None if batch_size is None else check_integer(batch_size, "batch_size")
@@ -174,11 +184,11 @@ class SequentialSampler:
         self.generator = torch.Generator(device=self.anchor.device).manual_seed(self.seed)
         self.evaluations, self.seconds, self.started = 0, 0.0, False
         self.steps, self.curve, self.landed = [], [], {}
-        self.targets = sorted(set(self.cutoffs), reverse=True)
+        self.targets = sorted(set(self.cutoffs) | {self.start_cutoff}, reverse=True)
         self.pilot = None
         if self.pilot_particles:
             self.pilot = SequentialSampler(
-                fn, anchor, cutoff=max(self.cutoffs), sigma=sigma, curvature=curvature, scope=scope,
+                fn, anchor, cutoff=self.start_cutoff, sigma=sigma, curvature=curvature, scope=scope,
                 n_particles=self.pilot_particles, n_replicates=1, moves_per_step=1, target_cess=target_cess,
                 target_acceptance=self.target_acceptance, kernel=kernel, gradient=self.gradient,
                 leapfrog_steps=leapfrog_steps, seed=(self.seed + 1_000_003) % 2**64, batch_size=batch_size,
@@ -263,9 +273,23 @@ class SequentialSampler:
             mean, var = weighted_moments(pilot.y, pilot.log_w, _VARIANCE_FLOOR * floor)
             self.start_mean, self.start_var = mean[0], var[0]
             return beta, 0.0
-        beta = self.coords.saddlepoint_beta(max(self.cutoffs))
+        beta = self.coords.saddlepoint_beta(self.start_cutoff)
         self.start_mean, self.start_var = self.coords.tempered_gaussian(beta)
         return beta, 0.0
+
+    def _checked_start_cutoff(self, start_cutoff) -> float:
+        """The cutoff the start is tempered for: the largest requested, or a larger one given (local scope)."""
+        largest = max(self.cutoffs)
+        if start_cutoff is None:
+            return largest
+        value = check_number(start_cutoff, "start_cutoff", what="the cutoff the surrogate's start is tempered for")
+        if self.scope != "local":
+            raise ValueError(f"start_cutoff={start_cutoff!r} applies to scope='local' only (scope='global' starts "
+                             "from the prior); leave it None")
+        if not value >= largest:
+            raise ValueError(f"start_cutoff={start_cutoff!r} is below the largest cutoff {largest!r}; it must be at "
+                             "least that (None: the largest cutoff)")
+        return value
 
     @property
     def uses_pilot_start(self) -> bool:
@@ -621,4 +645,4 @@ class SequentialSampler:
                 "moves_per_step": self.moves_per_step, "target_cess": self.target_cess,
                 "target_acceptance": self.target_acceptance, "kernel": self.kernel,
                 "leapfrog_steps": self.leapfrog_steps if self.kernel == "hmc" else None,
-                "pilot_particles": self.pilot_particles}
+                "pilot_particles": self.pilot_particles, "start_cutoff": self.start_cutoff}

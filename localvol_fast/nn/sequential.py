@@ -83,14 +83,14 @@ def _named_curvature(name: str, model, layout, forward, batches, *, passes: int,
 
 
 def run_sequential(cost, options, *, sigma: float, curvature, scope: str, n_replicates: int, moves_per_step: int,
-                   max_evaluations: int | None, run_info: dict | None):
+                   start_cutoff: float | None, max_evaluations: int | None, run_info: dict | None):
     """The sequential estimate on ``cost`` (a ``ModelCost``: its ``costs_of_points`` evaluates the whole
     population in batches, ``PointGradients`` its gradients for the HMC moves) with the checked
     ``RunOptions`` (n_samples = particles per replicate)."""
     sampler = SequentialSampler(
         cost.costs_of_points, cost.anchor, cutoff=list(options.cutoffs), sigma=sigma, curvature=curvature,
         scope=scope, n_particles=options.n_samples, n_replicates=n_replicates, moves_per_step=moves_per_step,
-        seed=options.seed,
+        start_cutoff=start_cutoff, seed=options.seed,
         max_evaluations=max_evaluations, batch_size=options.batch_size, kernel="hmc", gradient=PointGradients(cost),
     )
     if options.output is None:

@@ -159,6 +159,30 @@ def test_global_scope_from_the_prior():
     _assert_near(result, truth, slack=0.01)
 
 
+BANANA_ANCHOR = torch.tensor([0.5, -0.3], dtype=torch.float64)
+
+
+def _banana(theta):
+    """A neighborhood bent along u2 = -6 u1^2 (u = theta - anchor), 0.07 wide across and about 3 long: its
+    quadratic surrogate at the anchor, diag(1/25, 4), is the straight middle part only."""
+    u = theta - BANANA_ANCHOR
+    return 0.5 * ((u[:, 0] / 5) ** 2 + ((u[:, 1] + 6 * u[:, 0] ** 2) / 0.5) ** 2)
+
+
+def test_a_wider_start_reaches_the_arms_of_a_bent_neighborhood():
+    # Monte Carlo truth: P(C <= 0.01) for theta ~ N(0, I), about 27 k hits in 2 M draws (SE ~0.006 nats)
+    g = torch.Generator().manual_seed(0)
+    hits = sum(int((_banana(torch.randn(500_000, 2, generator=g, dtype=torch.float64)) <= 0.01).sum()) for _ in range(4))
+    truth, se = math.log(hits / 2_000_000), 1 / math.sqrt(hits)
+    curvature = torch.tensor([1 / 25, 4.0], dtype=torch.float64)
+    wide = sequential_volume(_banana, BANANA_ANCHOR, cutoff=0.01, sigma=1.0, curvature=curvature, n_particles=200,
+                             start_cutoff=1.0, seed=0)
+    low, high = wide.log_volume_interval
+    assert low - 4 * se <= truth <= high + 4 * se, (wide.log_volume, (low, high), truth)
+    assert wide.config["start_cutoff"] == 1.0 and wide.cutoffs == [0.01]  # the start's own cutoff is not reported
+    assert max(wide.curve_cutoffs) >= 1.0 * (1 - 1e-6)  # it passed through the wider neighborhood
+
+
 def test_same_seed_same_number_and_batch_size_independent():
     lam, y0 = _problem(20, seed=7)
     cost = _separable_cost(lam, y0, 0.1)
@@ -228,6 +252,8 @@ def test_interval_arithmetic():
         (dict(max_evaluations=0), ValueError), (dict(curvature="fisher"), TypeError),
         (dict(kernel="gibbs"), ValueError), (dict(leapfrog_steps=0), ValueError), (dict(pilot_particles=1), ValueError),
         (dict(pilot_particles=-4), ValueError), (dict(gradient="autograd"), TypeError),
+        (dict(start_cutoff=0.1), ValueError), (dict(start_cutoff="wide"), TypeError),
+        (dict(start_cutoff=5.0, scope="global"), ValueError),
     ],
 )
 def test_bad_input_errors(change, error):

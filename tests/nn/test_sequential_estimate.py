@@ -117,6 +117,9 @@ def test_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
         ({"moves_per_step": 0}, ValueError, "moves_per_step"),
         ({"moves_per_step": 1.5}, ValueError, "moves_per_step"),
         ({"max_evaluations": -1}, ValueError, "max_evaluations"),
+        ({"start_cutoff": 1e-3}, ValueError, "start_cutoff"),
+        ({"start_cutoff": 1.0, "scope": "global"}, ValueError, "start_cutoff"),
+        ({"start_cutoff": "wide"}, TypeError, "start_cutoff"),
         ({"preconditioner": "fisher"}, ValueError, "no preconditioner"),
         ({"measure": "uniform", "sigma": None, "bounds": 2.0}, ValueError, "Gaussian measure"),
         ({"sigma": torch.ones(12)}, ValueError, "scalar sigma"),
@@ -133,6 +136,7 @@ def test_options_the_sequential_method_cannot_take_are_refused(options, error, m
 
 def test_an_evaluation_budget_stops_the_run_and_says_so():
     model, data, _, eigen, _ = _linear_problem()
-    budgeted = _run(model, data, curvature=eigen, n_samples=500, moves_per_step=3, max_evaluations=3_000)
+    budgeted = _run(model, data, curvature=eigen, n_samples=500, moves_per_step=3, start_cutoff=1.0, max_evaluations=3_000)
     assert budgeted.config["n_particles"] == 500 and budgeted.config["moves_per_step"] == 3 and not budgeted.complete
+    assert budgeted.config["start_cutoff"] == 1.0
     assert math.isnan(budgeted.log_volume) and budgeted.evaluations <= 3_000
