@@ -23,6 +23,8 @@ Methods (rays: ``estimate_volume(..., measure="gaussian", sigma=...)``; D log|w|
   scales MATH.md mentions. Only where the problem has Q (else it is rays-diagonal-prior).
 - ``sequential``: ``engine.sequential.sequential_volume(scope="local", curvature=(lambda, Q))``, tempered
   SMC with R independent replicate populations; its interval is theirs (t, R - 1 dof).
+- ``sequential-wide``: the same with ``start_cutoff`` = 100 x the cutoff: a wider start, tempered down to
+  the cutoff (what a bent neighborhood such as the banana needs; more steps elsewhere).
 Rays' interval: the percentile bootstrap over directions (``VolumeResult.log_volume_interval``, 95%).
 
 Each (problem, method) runs for seeds K..K+N-1 (seed = the rays' direction seed, the sequential's seed;
@@ -73,8 +75,9 @@ except ImportError:  # pragma: no cover - only before engine/sequential.py exist
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = (
     "rays-isotropic", "rays-diagonal-sqrt", "rays-diagonal-prior", "rays-eigenbasis-sqrt", "rays-eigenbasis-prior",
-    "sequential",
+    "sequential", "sequential-wide",
 )
+WIDE_START = 100.0  # sequential-wide: its start is the surrogate's for this many times the cutoff
 SMALL_PROBLEMS = ("banana-2d", "coupled-quartic-5d", "powerlaw-1e4")
 ALL_PROBLEMS = (
     "digits-fisher", "digits-quartic-0.001", "digits-quartic-0.01",
@@ -153,7 +156,7 @@ class Runner:
         try:
             with warnings.catch_warnings(record=True) as caught:  # kept in the outcome, not printed
                 warnings.simplefilter("always")
-                outcome = self.sequential(seed) if method == "sequential" else self.rays(method, seed)
+                outcome = self.sequential(method, seed) if method.startswith("sequential") else self.rays(method, seed)
         except Exception as error:  # a method that breaks is a row of the table, not a crash of the run
             return Outcome(self.problem.name, method, seed, "failed", reason=f"{type(error).__name__}: {error}")
         outcome.details["cpu_seconds"] = time.process_time() - cpu_started  # this seed's own (pilot: the first)
@@ -166,7 +169,7 @@ class Runner:
         if method.startswith("rays-eigenbasis") and p.vectors is None:
             same = method.replace("eigenbasis", "diagonal")
             return f"same as {same} here (the curvature's eigenbasis is the coordinate axes)"
-        if method == "sequential":
+        if method.startswith("sequential"):
             if sequential_volume is None:
                 return "not available: localvol_fast/engine/sequential.py has no sequential_volume"
             if p.name + "-eig" in self.others:
@@ -263,8 +266,9 @@ class Runner:
     def seconds_budget(self) -> float:
         return self.sizes.seconds_per_cell_large if self.problem.dim > 100_000 else self.sizes.seconds_per_cell
 
-    def sequential(self, seed: int) -> Outcome:
+    def sequential(self, method: str, seed: int) -> Outcome:
         p, s = self.problem, self.sizes
+        start_cutoff = WIDE_START * p.cutoff if method == "sequential-wide" else None
         replicates, particles = self.population()
         budget = self.sequential_budget()
         curvature = p.eigenvalues if p.vectors is None else (p.eigenvalues, p.vectors)
@@ -274,13 +278,14 @@ class Runner:
             counted, p.anchor, cutoff=p.cutoff, sigma=p.sigma, curvature=curvature, scope="local",
             n_particles=particles, n_replicates=replicates, moves_per_step=s.moves_per_step, seed=seed,
             kernel=s.kernel, leapfrog_steps=s.leapfrog_steps, pilot_particles=self.pilot_particles(),
-            max_evaluations=budget,
+            start_cutoff=start_cutoff, max_evaluations=budget,
         )
         seconds = time.perf_counter() - started
         last = result.steps[-1] if result.steps else {}
         details = {"particles": particles, "replicates": replicates, "moves_per_step": s.moves_per_step,
                    "kernel": s.kernel, "leapfrog_steps": s.leapfrog_steps, "pilot_particles": self.pilot_particles(),
-                   "max_evaluations": budget, "steps": len(result.steps), "complete": result.complete,
+                   "max_evaluations": budget, "start_cutoff": start_cutoff, "steps": len(result.steps),
+                   "complete": result.complete,
                    "replicate_log_volumes": result.replicate_log_volumes[0],
                    "last_step": {k: last.get(k) for k in ("phase", "beta", "alpha", "mean_cost")}}
         low, high = result.log_volume_interval
@@ -290,7 +295,7 @@ class Runner:
             status = "incomplete"
             reason = (f"stopped at its budget of {budget:,} evaluations before the cutoff ({len(result.steps)} steps; "
                       f"last: {last.get('phase')}, {where})")
-        return Outcome(p.name, "sequential", seed, status, result.log_volume, (low, high), counted.evaluations,
+        return Outcome(p.name, method, seed, status, result.log_volume, (low, high), counted.evaluations,
                        seconds, reason=reason, details=details)
 
     def sequential_budget(self) -> int:
