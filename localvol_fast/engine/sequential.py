@@ -625,9 +625,11 @@ class SequentialSampler:
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError("state is not a SequentialSampler.state_dict()")
-        if state["config"] != self._config():
+        saved = dict(state["config"])
+        saved.setdefault("start_cutoff", max(saved.get("cutoffs", [0.0])))  # saved before start_cutoff existed
+        if saved != self._config():
             raise ValueError(
-                f"the saved run had options {state['config']}, this one {self._config()}; resume with the same options"
+                f"the saved run had options {saved}, this one {self._config()}; resume with the same options"
             )
         for name in ("started", "evaluations", "seconds", "steps", "curve", "landed", "targets"):
             setattr(self, name, state[name])

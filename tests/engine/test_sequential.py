@@ -209,6 +209,10 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(kernel, pilot, stop):
     assert resumed.log_volumes == whole.log_volumes and resumed.evaluations == whole.evaluations
     with pytest.raises(ValueError, match="same options"):
         sequential_volume(cost, y0, state=state, **{**options, "seed": 10})
+    with pytest.raises(ValueError, match="same options"):
+        sequential_volume(cost, y0, state=state, **{**options, "start_cutoff": 5.0})
+    older = {**state, "config": {k: v for k, v in state["config"].items() if k != "start_cutoff"}}
+    assert sequential_volume(cost, y0, state=older, **options).log_volumes == whole.log_volumes  # saved before it
 
 
 def test_evaluation_budget_is_respected():
