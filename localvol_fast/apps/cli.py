@@ -13,7 +13,8 @@ Files written:
 - ``demo``: ``demo.json`` and ``demo.png`` (see ``apps.demo``).
 - ``reproduce digits|lm|poisoning``: ``report.md``, ``results.json`` and PNG plots (see ``apps.reproduce``);
   ``lm`` and ``poisoning`` resume an interrupted run from the files already in ``--out``.
-- ``estimate``: the ``VolumeResult`` as JSON (``VolumeResult.load(path)``). ``--out`` and ``--journal``
+- ``estimate``: the ``VolumeResult`` as JSON (``VolumeResult.load(path)``; with ``--method sequential`` a
+  ``SequentialResult``, ``SequentialResult.load(path)``). ``--out`` and ``--journal``
   are checked writable before the model is loaded; if writing ``--out`` still fails at the end, the
   result goes to a fallback file (next to the journal, else in the current folder), the path is printed
   and the exit code is 1: a finished run is never lost.
@@ -41,6 +42,7 @@ from localvol_fast.apps.reproduce import reproduce_digits, reproduce_lm, reprodu
 from localvol_fast.core.checks import check_device, check_integer, check_open_fraction, check_seed
 from localvol_fast.core.search import INTEGRATED_EXACTLY, UNBOUNDED, status_counts_text
 from localvol_fast.nn.estimator import estimate
+from localvol_fast.nn.sequential import CURVATURE_NAMES
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -133,7 +135,7 @@ _ESTIMATE_TEXT = (
     "estimate the local volume of a model",
     "Estimate the local volume of a local Hugging Face causal LM (--model DIR with --data) or of "
     "the (model, data) a Python factory returns (--factory module:function). Prints the summary and writes the "
-    "result as JSON (VolumeResult.load).",
+    "result as JSON (VolumeResult.load; --method sequential: SequentialResult.load).",
 )
 
 
@@ -213,6 +215,7 @@ def _add_estimate(est: argparse.ArgumentParser) -> None:
     )
     est.add_argument("--bounds", type=_positive_float, default=None, help="uniform prior on [-a, a]^D")
     _add_preconditioner_options(est)
+    _add_method_options(est)
     est.add_argument("--seed", type=_seed, default=0)
     est.add_argument("--rtol", type=_open_fraction, default=1e-2, help="radius tolerance |C - eps| <= rtol eps")
     est.add_argument("--batch-size", type=_positive_int, default=None, help="directions searched together")
@@ -242,6 +245,48 @@ def _add_preconditioner_options(est: argparse.ArgumentParser) -> None:
     est.add_argument("--fisher-passes", type=_positive_int, default=16)
 
 
+# The sequential method's flags, with estimate's defaults; --method rays refuses any of them set otherwise.
+_SEQUENTIAL_DEFAULTS = {"scope": "local", "curvature": "auto", "replicates": 4, "moves_per_step": 6,
+                        "start_cutoff": None, "max_evaluations": None}
+
+
+def _add_method_options(est: argparse.ArgumentParser) -> None:
+    """Which estimator: the paper's rays, or the sequential (tempered SMC) method and its own options."""
+    est.add_argument(
+        "--method", choices=["rays", "sequential"], default="rays",
+        help="rays: the paper's estimator (default; a lower bound in practice); sequential: tempered SMC, "
+        "consistent, with a replicate interval (README, Accuracy)",
+    )
+    d = _SEQUENTIAL_DEFAULTS
+    est.add_argument("--scope", choices=["local", "global"], default=d["scope"],
+                     help="sequential: the anchor's own basin (default) or any basin, from the prior")
+    est.add_argument("--curvature", choices=list(CURVATURE_NAMES), default=d["curvature"],
+                     help="sequential: the quadratic surrogate's Hessian at the anchor (default auto)")
+    est.add_argument("--replicates", type=_positive_int, default=d["replicates"],
+                     help="sequential: independent populations of --n-samples particles (default 4; >= 2 for an interval)")
+    est.add_argument("--moves-per-step", type=_positive_int, default=d["moves_per_step"],
+                     help="sequential: HMC moves after each step (default 6; fewer lag, a bias low)")
+    est.add_argument("--start-cutoff", type=_positive_float, default=d["start_cutoff"],
+                     help="sequential, local: start from the surrogate at this larger cutoff (a bent neighborhood)")
+    est.add_argument("--max-evaluations", type=_positive_int, default=d["max_evaluations"],
+                     help="sequential: stop after this many cost evaluations (the result says it is incomplete)")
+
+
+def _sequential_options(args) -> dict:
+    """estimate's sequential keywords from the flags; with --method rays, none may be set (they would be ignored)."""
+    given = {name: getattr(args, name) for name in _SEQUENTIAL_DEFAULTS}
+    if args.method == "rays":
+        changed = [name for name, value in given.items() if value != _SEQUENTIAL_DEFAULTS[name]]
+        if changed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+            verb = "applies" if len(changed) == 1 else "apply"
+            raise UsageError(f"{flags} {verb} to --method sequential only; add --method sequential or leave them out")
+        return {}
+    return {"scope": given["scope"], "curvature": given["curvature"], "n_replicates": given["replicates"],
+            "moves_per_step": given["moves_per_step"], "start_cutoff": given["start_cutoff"],
+            "max_evaluations": given["max_evaluations"]}
+
+
 def _add_execution_options(est: argparse.ArgumentParser) -> None:
     """How the estimate runs (not what it measures): evaluation, memory, journal, sharding."""
     est.add_argument("--no-vmap", action="store_true", help="evaluate probes one at a time")
@@ -255,7 +300,8 @@ def _add_execution_options(est: argparse.ArgumentParser) -> None:
     )
     est.add_argument("--memory-budget-gib", type=_positive_float, default=None, help="device memory for the anchor cache")
     est.add_argument("--data-batch-size", type=_positive_int, default=None, help="examples per forward pass")
-    est.add_argument("--journal", metavar="FILE", default=None, help="append finished directions to FILE (JSON lines)")
+    est.add_argument("--journal", metavar="FILE", default=None,
+                     help="rays: append finished directions to FILE (JSON lines); sequential: keep the run's latest state there")
     est.add_argument("--resume", action="store_true", help="continue the run in --journal, skipping finished directions")
     est.add_argument(
         "--distributed", action="store_true",
@@ -501,7 +547,10 @@ def _estimate_options(args, device, extras: dict) -> dict:
     if loss_fn is None:
         loss_fn = default_loss
     optimizer = _optimizer(args, extras)
+    sequential = _sequential_options(args)
     return {
+        "method": args.method,
+        **sequential,
         "neighborhood": args.neighborhood,
         "loss_fn": loss_fn if args.neighborhood == "loss" else None,
         "cutoff": args.cutoff,

@@ -17,6 +17,7 @@ import torch
 from localvol_fast.apps import cli
 from localvol_fast.apps.demo import load_demo_results
 from localvol_fast.core.result import VolumeResult
+from localvol_fast.engine.sequential_result import SequentialResult
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -393,6 +394,43 @@ def test_estimate_journal_and_resume(tmp_path, in_repo):
     head, extended = VolumeResult.load(first), VolumeResult.load(second)
     assert extended.n_samples == 9 and torch.equal(extended.estimates[:5], head.estimates)
     assert cli.main(["estimate", "--factory", "tests.apps.cli_factory:build", "--resume", "--out", str(second)]) == 2
+
+
+def _sequential_args(out, *extra):
+    return ["estimate", "--factory", "tests.apps.cli_factory:build", "--quiet", "--method", "sequential", "--n-samples",
+            "50", "--replicates", "2", "--moves-per-step", "2", "--cutoff", "0.05", "--out", str(out), *extra]
+
+
+def test_estimate_with_the_sequential_method(tmp_path, in_repo):
+    out, journal = tmp_path / "seq.json", tmp_path / "seq.state"
+    assert cli.main(_sequential_args(out, "--start-cutoff", "0.5", "--journal", str(journal))) == 0
+    result = SequentialResult.load(out)
+    assert result.cutoffs == [0.05] and result.config["n_replicates"] == 2 and result.config["moves_per_step"] == 2
+    assert result.config["start_cutoff"] == 0.5 and result.config["source"] == "tests.apps.cli_factory:build"
+    low, high = result.log_volume_interval
+    assert low < result.log_volume < high and result.log_volume < 0 and result.complete
+    # its journal is the sampler's state: refused without --resume, read back with it
+    assert cli.main(_sequential_args(tmp_path / "again.json", "--start-cutoff", "0.5", "--journal", str(journal))) == 2
+    assert cli.main(_sequential_args(tmp_path / "again.json", "--start-cutoff", "0.5", "--journal", str(journal),
+                                     "--resume")) == 0
+    assert SequentialResult.load(tmp_path / "again.json").log_volumes == result.log_volumes
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--start-cutoff", "1"], "--start-cutoff applies to --method sequential only"),
+        (["--replicates", "3", "--scope", "global"], "--scope, --replicates apply to --method sequential only"),
+    ],
+)
+def test_sequential_flags_without_the_sequential_method_are_refused(tmp_path, in_repo, capsys, flags, message):
+    assert cli.main(_estimate_args(tmp_path / "r.json", *flags)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_sequential_method_refuses_a_preconditioner(tmp_path, in_repo, capsys):
+    assert cli.main(_sequential_args(tmp_path / "r.json", "--preconditioner", "fisher")) == 2
+    assert "no preconditioner" in capsys.readouterr().err
 
 
 def test_estimate_under_torchrun_gloo(tmp_path):
