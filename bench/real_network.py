@@ -58,10 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--particles", type=int, default=200)
     parser.add_argument("--replicates", type=int, default=4)
     parser.add_argument("--moves-per-step", type=int, default=6, help="HMC moves per step (estimate's default, 6)")
+    parser.add_argument("--start-cutoff", type=float, default=None,
+                        help="the sequential's start_cutoff (default: the cutoff itself; e.g. 0.1 for a 10 x wider start)")
     parser.add_argument("--max-evaluations", type=int, default=5_000_000)
     parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent / ".cache" / "real_network.state")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--skip-sequential", action="store_true", help="the ray rows only (minutes)")
+    parser.add_argument("--skip-rays", action="store_true", help="the sequential row only")
     return parser.parse_args(argv)
 
 
@@ -89,7 +92,7 @@ def sequential_row(run, x, args) -> dict:
     started = time.perf_counter()
     result = lv.estimate(run.model, x, method="sequential", cutoff=CUTOFF, sigma=PRIOR_SIGMA, n_samples=args.particles,
                          n_replicates=args.replicates, moves_per_step=args.moves_per_step, curvature="fisher-eigen",
-                         seed=args.seed,
+                         start_cutoff=args.start_cutoff, seed=args.seed,
                          max_evaluations=args.max_evaluations, output=args.checkpoint, resume=args.checkpoint.exists(),
                          progress=True)
     low, high = result.log_volume_interval
@@ -124,7 +127,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if sequential is not None:
         config = sequential["config"]
         lines += ["", f"Sequential: {config.get('n_replicates')} replicates x {config.get('n_particles')} particles, "
-                  f"{config.get('moves_per_step')} {config.get('kernel')} moves per step, {sequential['steps']} steps; "
+                  f"{config.get('moves_per_step')} {config.get('kernel')} moves per step, start cutoff "
+                  f"{config.get('start_cutoff', CUTOFF):g}, {sequential['steps']} steps; "
                   "the replicates' estimates: " + ", ".join(f"{v:,.1f}" for v in sequential["replicates"])
                   + " (the interval is theirs: t with R - 1 degrees of freedom)."]
         if sequential["seconds_this_session"] < 0.5 * sequential["seconds"]:
@@ -142,7 +146,7 @@ def main(argv=None) -> dict:
     began = time.perf_counter()
     run = train_paper_digits(seed=args.train_seed)
     x = run.x_train[: args.inputs]
-    rows = ray_rows(run, x, args)
+    rows = [] if args.skip_rays else ray_rows(run, x, args)
     if not args.skip_sequential:
         rows.append(sequential_row(run, x, args))
     meta = {"command": "python bench/real_network.py " + " ".join(sys.argv[1:] if argv is None else argv), "git": short_commit(),
