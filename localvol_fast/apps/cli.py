@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import math
 import os
 import sys
@@ -245,9 +246,14 @@ def _add_preconditioner_options(est: argparse.ArgumentParser) -> None:
     est.add_argument("--fisher-passes", type=_positive_int, default=16)
 
 
-# The sequential method's flags, with estimate's defaults; --method rays refuses any of them set otherwise.
-_SEQUENTIAL_DEFAULTS = {"scope": "local", "curvature": "auto", "replicates": 4, "moves_per_step": 6,
-                        "start_cutoff": None, "max_evaluations": None}
+# The sequential method's flags (dest -> estimate's keyword), their defaults estimate's own; --method rays
+# refuses any of them set otherwise.
+_SEQUENTIAL_KEYWORDS = {"scope": "scope", "curvature": "curvature", "replicates": "n_replicates",
+                        "moves_per_step": "moves_per_step", "start_cutoff": "start_cutoff",
+                        "max_evaluations": "max_evaluations"}
+_SEQUENTIAL_DEFAULTS = {
+    flag: inspect.signature(estimate).parameters[keyword].default for flag, keyword in _SEQUENTIAL_KEYWORDS.items()
+}
 
 
 def _add_method_options(est: argparse.ArgumentParser) -> None:
@@ -263,9 +269,10 @@ def _add_method_options(est: argparse.ArgumentParser) -> None:
     est.add_argument("--curvature", choices=list(CURVATURE_NAMES), default=d["curvature"],
                      help="sequential: the quadratic surrogate's Hessian at the anchor (default auto)")
     est.add_argument("--replicates", type=_positive_int, default=d["replicates"],
-                     help="sequential: independent populations of --n-samples particles (default 4; >= 2 for an interval)")
+                     help=f"sequential: independent populations of --n-samples particles (default {d['replicates']}; "
+                     ">= 2 for an interval)")
     est.add_argument("--moves-per-step", type=_positive_int, default=d["moves_per_step"],
-                     help="sequential: HMC moves after each step (default 6; fewer lag, a bias low)")
+                     help=f"sequential: HMC moves after each step (default {d['moves_per_step']}; fewer lag, a bias low)")
     est.add_argument("--start-cutoff", type=_positive_float, default=d["start_cutoff"],
                      help="sequential, local: start from the surrogate at this larger cutoff (a bent neighborhood)")
     est.add_argument("--max-evaluations", type=_positive_int, default=d["max_evaluations"],
@@ -282,9 +289,7 @@ def _sequential_options(args) -> dict:
             verb = "applies" if len(changed) == 1 else "apply"
             raise UsageError(f"{flags} {verb} to --method sequential only; add --method sequential or leave them out")
         return {}
-    return {"scope": given["scope"], "curvature": given["curvature"], "n_replicates": given["replicates"],
-            "moves_per_step": given["moves_per_step"], "start_cutoff": given["start_cutoff"],
-            "max_evaluations": given["max_evaluations"]}
+    return {_SEQUENTIAL_KEYWORDS[flag]: value for flag, value in given.items()}
 
 
 def _add_execution_options(est: argparse.ArgumentParser) -> None:

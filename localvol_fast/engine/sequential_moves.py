@@ -2,10 +2,10 @@
 
 ``Coordinates``: the curvature's coordinates y (the eigenbasis y = Q^T theta, or theta itself for a
 diagonal), the quadratic surrogate C_q(y) = (1/2) sum_i lam_i (y_i - y0_i)^2 and its tempered law
-prior x exp(-beta C_q), an exact Gaussian; ``log_normal_ratio``, the log density ratio of a diagonal Gaussian (the
-start g) to the prior; ``pcn_proposal``: the preconditioned Crank-Nicolson proposal about a Gaussian reference fitted
-to the population (the sampler's Metropolis-Hastings test keeps the current law invariant). All
-arithmetic is float64.
+prior x exp(-beta C_q), an exact Gaussian; ``log_normal_ratio``, the log density of a diagonal Gaussian
+(the start g) over the prior's; ``pcn_proposal``: the preconditioned Crank-Nicolson proposal about a
+Gaussian reference fitted to the population (the sampler's Metropolis-Hastings test keeps the current
+law invariant). All arithmetic is float64.
 """
 
 from __future__ import annotations
