@@ -117,8 +117,8 @@ QUICK = Sizes(directions=100, directions_large=8, pilot_directions=16, particles
 # The sequential method on the digits quartics needs ~2-3.5 M evaluations, 10-20 min per seed on one core:
 # --long gives it a budget of an hour per seed and 6 moves per step (the other sizes as FULL). With 2 moves
 # its population lagged, about -1 nat on the quartic 1e-2, and the interval missed the truth in 2 seeds of 3;
-# with 6 (1.7x the evaluations) the lag fell (1e-2: 8 of 8 intervals covered), but on 1e-3 3 of 7 still missed,
-# about -0.5 nats (bench/results/long*/, bench/sequential_mixing.py).
+# with 6 (1.7x the evaluations) the lag fell (1e-2: 10 of 10 intervals covered), but on 1e-3 3 of 10 still missed,
+# about -0.4 nats (bench/results/long*/, bench/sequential_mixing.py).
 LONG = Sizes(seconds_per_cell=3600.0, moves_per_step=6)
 
 

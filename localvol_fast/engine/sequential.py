@@ -105,7 +105,7 @@ def sequential_volume(
         after each reweighting (default 6; fewer let the population lag behind its law, which biases
         log V low by more than the interval shows: measured, about -1 nat with 2 moves and -0.2 with 6 on
         a D = 400 quartic and on the digits quartic 1e-2, ``bench/sequential_mixing.py``; 6 still left
-        -0.5 nats on the digits quartic 1e-3, where 3 intervals of 7 missed: README, Accuracy);
+        -0.4 nats on the digits quartic 1e-3, where 3 intervals of 10 missed: README, Accuracy);
         target_cess: each step's conditional ESS, as a fraction of N;
         target_acceptance: the move size adapts toward this acceptance rate (None: 0.65 for HMC, 0.3 for pCN).
     kernel: "hmc" (each move is a trajectory of ``leapfrog_steps`` evaluations of the cost and its
