@@ -137,6 +137,22 @@ def sequential_volume(
     return sampler.run(progress=check_flag(progress, "progress"), on_step=on_step)
 
 
+def check_start_cutoff(start_cutoff, cutoffs: Sequence[float], scope: str) -> float:
+    """The cutoff the start is tempered for: the largest of ``cutoffs`` (checked), or a larger one given (local
+    scope only); a TypeError or ValueError naming it otherwise."""
+    largest = max(cutoffs)
+    if start_cutoff is None:
+        return largest
+    value = check_number(start_cutoff, "start_cutoff", what="the cutoff the surrogate's start is tempered for")
+    if scope != "local":
+        raise ValueError(f"start_cutoff={start_cutoff!r} applies to scope='local' only (scope={scope!r} starts "
+                         "from the prior); leave it None")
+    if not value >= largest:
+        raise ValueError(f"start_cutoff={start_cutoff!r} is below the largest cutoff {largest!r}; it must be at "
+                         "least that (None: the largest cutoff)")
+    return value
+
+
 class SequentialSampler:
     """The state of one tempered-SMC run: ``advance()`` takes one step, ``state_dict()`` checkpoints it.
 
@@ -176,7 +192,7 @@ class SequentialSampler:
                                              what="particles of the pilot run (0: none)")
         if self.pilot_particles == 1:
             raise ValueError("pilot_particles must be 0 (no pilot) or at least 2, got 1")
-        self.start_cutoff = self._checked_start_cutoff(start_cutoff)
+        self.start_cutoff = check_start_cutoff(start_cutoff, self.cutoffs, self.scope)
         self.seed = check_seed(seed)
         self.max_evaluations = None if max_evaluations is None else check_integer(max_evaluations, "max_evaluations")
         self.batch_size = None if batch_size is None else check_integer(batch_size, "batch_size")
@@ -276,20 +292,6 @@ class SequentialSampler:
         beta = self.coords.saddlepoint_beta(self.start_cutoff)
         self.start_mean, self.start_var = self.coords.tempered_gaussian(beta)
         return beta, 0.0
-
-    def _checked_start_cutoff(self, start_cutoff) -> float:
-        """The cutoff the start is tempered for: the largest requested, or a larger one given (local scope)."""
-        largest = max(self.cutoffs)
-        if start_cutoff is None:
-            return largest
-        value = check_number(start_cutoff, "start_cutoff", what="the cutoff the surrogate's start is tempered for")
-        if self.scope != "local":
-            raise ValueError(f"start_cutoff={start_cutoff!r} applies to scope='local' only (scope='global' starts "
-                             "from the prior); leave it None")
-        if not value >= largest:
-            raise ValueError(f"start_cutoff={start_cutoff!r} is below the largest cutoff {largest!r}; it must be at "
-                             "least that (None: the largest cutoff)")
-        return value
 
     @property
     def uses_pilot_start(self) -> bool:

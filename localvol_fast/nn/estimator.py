@@ -28,7 +28,7 @@ from localvol_fast.core.result import VolumeResult
 from localvol_fast.engine.estimator import run_estimate
 from localvol_fast.engine.journal import fingerprint_tensors
 from localvol_fast.engine.options import RunOptions
-from localvol_fast.engine.sequential import SCOPES
+from localvol_fast.engine.sequential import SCOPES, check_start_cutoff
 from localvol_fast.engine.sequential_result import SequentialResult
 from localvol_fast.nn.auto_eps import choose_preconditioner_eps
 from localvol_fast.nn.costs.anchor_cache import ANCHOR_CACHE_MODES
@@ -256,11 +256,7 @@ def _checked_sequential_options(scope, curvature, n_replicates, moves_per_step, 
     if max_evaluations is not None:
         max_evaluations = check_integer(max_evaluations, "max_evaluations", what="cost evaluations, or None")
     if start_cutoff is not None:
-        start_cutoff = check_number(start_cutoff, "start_cutoff", what="the cutoff the sequential start is tempered for")
-        largest = max(check_cutoffs(cutoff))
-        if scope != "local" or not start_cutoff >= largest:
-            raise ValueError(f"start_cutoff={start_cutoff!r} must be at least the largest cutoff {largest!r}, with "
-                             f"scope='local' (got scope={scope!r}); None starts at the cutoff itself")
+        start_cutoff = check_start_cutoff(start_cutoff, check_cutoffs(cutoff), scope)
     if preconditioner is not None:
         raise ValueError(
             "method='sequential' takes no preconditioner (that shapes the ray method's directions); give its "
