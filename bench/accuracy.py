@@ -99,6 +99,7 @@ class Sizes:
     particles_large: int = 25  # ... at D = 1e6 (the population is R x N x D float64)
     replicates_large: int = 2
     moves_per_step: int = 2  # as bench/results/accuracy.md was measured; estimate's default and --long: 6
+    landing_moves: int = 30  # moves at the cutoff's law, each adding an estimate (engine.sequential's default)
     kernel: str = "hmc"  # the sequential's moves (engine.sequential KERNELS)
     leapfrog_steps: int = 10  # evaluations per HMC move
     pilot_particles: int = 100  # the sequential's pilot run (0: none)
@@ -112,7 +113,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(directions=100, directions_large=8, pilot_directions=16, particles=100, replicates=4,
-              moves_per_step=2, leapfrog_steps=5, pilot_particles=32, pilot_particles_large=0, max_evaluations=200_000, tilted_samples=0,
+              moves_per_step=2, landing_moves=5, leapfrog_steps=5, pilot_particles=32, pilot_particles_large=0, max_evaluations=200_000, tilted_samples=0,
               mc_samples=500_000, seconds_per_cell=10.0, seconds_per_cell_large=20.0)
 # The sequential method on the digits quartics needs ~2-3.5 M evaluations, 10-20 min per seed on one core:
 # --long gives it a budget of an hour per seed and 6 moves per step (the other sizes as FULL). With 2 moves
@@ -277,13 +278,15 @@ class Runner:
         started = time.perf_counter()
         result = sequential_volume(
             counted, p.anchor, cutoff=p.cutoff, sigma=p.sigma, curvature=curvature, scope="local",
-            n_particles=particles, n_replicates=replicates, moves_per_step=s.moves_per_step, seed=seed,
+            n_particles=particles, n_replicates=replicates, moves_per_step=s.moves_per_step,
+            landing_moves=s.landing_moves, seed=seed,
             kernel=s.kernel, leapfrog_steps=s.leapfrog_steps, pilot_particles=self.pilot_particles(),
             start_cutoff=start_cutoff, max_evaluations=budget,
         )
         seconds = time.perf_counter() - started
         last = result.steps[-1] if result.steps else {}
         details = {"particles": particles, "replicates": replicates, "moves_per_step": s.moves_per_step,
+                   "landing_moves": s.landing_moves,
                    "kernel": s.kernel, "leapfrog_steps": s.leapfrog_steps, "pilot_particles": self.pilot_particles(),
                    "max_evaluations": budget, "start_cutoff": start_cutoff, "steps": len(result.steps),
                    "complete": result.complete,
@@ -346,6 +349,7 @@ def _sizes_text(meta: dict) -> str:
             f"replicates x {z['particles']} particles ({z['replicates_large']} x {z['particles_large']} at D = 1e6), "
             f"{z['moves_per_step']} {z.get('kernel', 'pcn')} moves per step"
             + (f" of {z['leapfrog_steps']} leapfrog steps" if z.get("kernel") == "hmc" else "")
+            + f", {z.get('landing_moves', 0)} landing moves"
             + f", a pilot of {z.get('pilot_particles', 0)} particles ({z.get('pilot_particles_large', z.get('pilot_particles', 0))} at D = 1e6), budget {z['seconds_per_cell']:g} s ({z['seconds_per_cell_large']:g} s "
             f"at D = 1e6) per seed by a fixed cost model, at most {z['max_evaluations']:,} evaluations.")
 
@@ -558,6 +562,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds K..K+N-1 per (problem, method) (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="K, the first seed (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for accuracy.md / accuracy.json")
+    parser.add_argument("--landing-moves", type=int, default=None,
+                        help="the sequential's moves at the cutoff's law, each adding an estimate (default 30; 0: none)")
     parser.add_argument("--moves-per-step", type=int, default=None,
                         help="the sequential's MCMC moves per step (default: the size's, 2; 6 with --long)")
     parser.add_argument("--update", action="store_true",
@@ -567,6 +573,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.methods = _names(args.methods, METHODS, "method")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.landing_moves is not None and args.landing_moves < 0:
+        parser.error(f"--landing-moves must be at least 0, got {args.landing_moves}")
     if args.moves_per_step is not None and args.moves_per_step < 1:
         parser.error(f"--moves-per-step must be at least 1, got {args.moves_per_step}")
     if args.first_seed < 0:
@@ -589,6 +597,8 @@ def main(argv=None) -> dict:
     sizes = QUICK if args.quick else LONG if args.long else FULL
     if args.moves_per_step is not None:
         sizes = dataclasses.replace(sizes, moves_per_step=args.moves_per_step)
+    if args.landing_moves is not None:
+        sizes = dataclasses.replace(sizes, landing_moves=args.landing_moves)
     command = "python bench/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started, cpu_started = time.perf_counter(), time.process_time()
     rows, outcomes, truths = run_benchmark(args.problems, args.methods, args.seeds, sizes, first_seed=args.first_seed)

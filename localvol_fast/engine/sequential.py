@@ -84,6 +84,7 @@ def sequential_volume(
     leapfrog_steps: int = 10,
     pilot_particles: int = 0,
     start_cutoff: float | None = None,
+    landing_moves: int = 30,
     seed: int = 0,
     max_evaluations: int | None = None,
     batch_size: int | None = None,
@@ -129,8 +130,8 @@ def sequential_volume(
         fn, anchor, cutoff=cutoff, sigma=sigma, curvature=curvature, scope=scope, n_particles=n_particles,
         n_replicates=n_replicates, moves_per_step=moves_per_step, target_cess=target_cess,
         target_acceptance=target_acceptance, kernel=kernel, gradient=gradient, leapfrog_steps=leapfrog_steps,
-        pilot_particles=pilot_particles, start_cutoff=start_cutoff, seed=seed, max_evaluations=max_evaluations,
-        batch_size=batch_size,
+        pilot_particles=pilot_particles, start_cutoff=start_cutoff, landing_moves=landing_moves, seed=seed,
+        max_evaluations=max_evaluations, batch_size=batch_size,
     )
     if state is not None:
         sampler.load_state_dict(state)
@@ -164,7 +165,7 @@ class SequentialSampler:
 
     def __init__(self, fn, anchor, *, cutoff, sigma, curvature=None, scope="local", n_particles=500,
                  n_replicates=4, moves_per_step=6, target_cess=0.7, target_acceptance=None, kernel="hmc",
-                 gradient=None, leapfrog_steps=10, pilot_particles=0, start_cutoff=None, seed=0,
+                 gradient=None, leapfrog_steps=10, pilot_particles=0, start_cutoff=None, landing_moves=30, seed=0,
                  max_evaluations=None, batch_size=None):
         if not callable(fn):
             raise TypeError(f"fn must be callable (a (B, D) batch -> (B,) costs), got {type(fn).__name__}")
@@ -193,6 +194,8 @@ class SequentialSampler:
         if self.pilot_particles == 1:
             raise ValueError("pilot_particles must be 0 (no pilot) or at least 2, got 1")
         self.start_cutoff = check_start_cutoff(start_cutoff, self.cutoffs, self.scope)
+        self.landing_moves = check_integer(landing_moves, "landing_moves", minimum=0,
+                                           what="MCMC moves at each cutoff's law, each adding an estimate")
         self.seed = check_seed(seed)
         self.max_evaluations = None if max_evaluations is None else check_integer(max_evaluations, "max_evaluations")
         self.batch_size = None if batch_size is None else check_integer(batch_size, "batch_size")
@@ -200,6 +203,7 @@ class SequentialSampler:
         self.generator = torch.Generator(device=self.anchor.device).manual_seed(self.seed)
         self.evaluations, self.seconds, self.started = 0, 0.0, False
         self.steps, self.curve, self.landed = [], [], {}
+        self.landing_left, self.landing_estimates = 0, {}  # the landing moves still to make, estimates so far
         self.targets = sorted(set(self.cutoffs) | {self.start_cutoff}, reverse=True)
         self.pilot = None
         if self.pilot_particles:
@@ -321,7 +325,7 @@ class SequentialSampler:
     # ----- one step -------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.started and self.alpha == 1.0 and not self.targets
+        return self.started and self.alpha == 1.0 and not self.targets and not self.landing_left
 
     def step_evaluations(self) -> int:
         """Evaluations one step's moves take (the reweighting reuses the costs the moves computed)."""
@@ -343,6 +347,8 @@ class SequentialSampler:
             self.start()
         if self.done or len(self.steps) >= _MAX_STEPS:
             return False
+        if self.landing_left:
+            return self._advance_landing()
         if self._over_budget(self.step_evaluations()):
             return False
         if self.alpha < 1.0:
@@ -358,6 +364,32 @@ class SequentialSampler:
         acceptance = self._move()
         self.steps.append({
             "phase": phase, "beta": self.beta, "alpha": self.alpha, "cess": ess_before, "resampled": resampled,
+            "acceptance": acceptance, "move_size": self.move_size.tolist(), "mean_cost": self._mean_cost(),
+            "log_z": self.log_z.tolist(), "evaluations": self.evaluations,
+        })
+        return True
+
+    def _advance_landing(self) -> bool:
+        """Up to ``moves_per_step`` of the landing moves at the law a cutoff was reached at, each followed by
+        that cutoff's estimate; the cutoff's value becomes the log-mean-exp of its estimates so far."""
+        moves = min(self.moves_per_step, self.landing_left)
+        if self._over_budget(self.step_evaluations() // self.moves_per_step * moves):
+            return False
+
+        def estimate():
+            for cutoff, estimates in self.landing_estimates.items():
+                estimates.append(self.log_probability(cutoff).tolist())
+
+        acceptance = self._move(moves, after_each=estimate)
+        self.landing_left -= moves
+        for cutoff, estimates in self.landing_estimates.items():
+            values = torch.tensor(estimates, dtype=torch.float64)
+            self.landed[cutoff] = ((torch.logsumexp(values, 0) - math.log(len(estimates))).tolist(),
+                                   self.landed[cutoff][1])
+        if not self.landing_left:
+            self.landing_estimates = {}
+        self.steps.append({
+            "phase": "landing", "beta": self.beta, "alpha": self.alpha, "cess": 1.0, "resampled": False,
             "acceptance": acceptance, "move_size": self.move_size.tolist(), "mean_cost": self._mean_cost(),
             "log_z": self.log_z.tolist(), "evaluations": self.evaluations,
         })
@@ -464,6 +496,9 @@ class SequentialSampler:
                                 or (self.beta == 0.0 and self.targets[0] >= mean)):
             target = self.targets.pop(0)
             self.landed[target] = (self.log_probability(target).tolist(), self.beta)
+            if self.landing_moves and target in self.cutoffs:
+                self.landing_left = self.landing_moves
+                self.landing_estimates[target] = [self.landed[target][0]]
 
     def log_probability(self, cutoff: float) -> torch.Tensor:
         """(R,) log P(C <= cutoff) per replicate: log Z + log sum_j w_j exp(beta C_j) 1{C_j <= cutoff}."""
@@ -490,19 +525,22 @@ class SequentialSampler:
             setattr(self, name, take(getattr(self, name)))
         self.log_w = torch.full_like(self.log_w, -math.log(N))
 
-    def _move(self) -> float:
-        """``moves_per_step`` MCMC moves that leave the current law invariant, their size adapting toward
-        ``target_acceptance``; the per-axis scales come from the weighted population (at least a tiny
-        fraction of the surrogate's, so a collapsed axis still moves). Returns the mean acceptance rate."""
+    def _move(self, count: int | None = None, after_each: Callable | None = None) -> float:
+        """``count`` (default ``moves_per_step``) MCMC moves that leave the current law invariant, their size
+        adapting toward ``target_acceptance``; the per-axis scales come from the weighted population (at
+        least a tiny fraction of the surrogate's, so a collapsed axis still moves); ``after_each()`` is
+        called after every move. Returns the mean acceptance rate."""
         _, floor = self.coords.tempered_gaussian(self.beta)
         mean, var = weighted_moments(self.y, self.log_w, _VARIANCE_FLOOR * floor)
         move = self._hmc_move if self.kernel == "hmc" else self._pcn_move
         rates = []
-        for _ in range(self.moves_per_step):
+        for _ in range(self.moves_per_step if count is None else count):
             accept = move(mean, var)
             rate = accept.double().mean(1)
             self.move_size = (self.move_size * torch.exp(rate - self.target_acceptance)).clamp(_MIN_STEP, _MAX_STEP)
             rates.append(float(rate.mean()))
+            if after_each is not None:
+                after_each()
         return sum(rates) / len(rates)
 
     def _take(self, accept, y, r, cost, log_start, grad_y=None, grad_r=None) -> None:
@@ -619,6 +657,8 @@ class SequentialSampler:
         state = {"format": _STATE_FORMAT, "started": self.started, "evaluations": self.evaluations,
                  "seconds": self.seconds, "steps": list(self.steps), "curve": list(self.curve),
                  "landed": dict(self.landed), "targets": list(self.targets), "generator": self.generator.get_state(),
+                 "landing_left": self.landing_left,
+                 "landing_estimates": {c: [list(e) for e in v] for c, v in self.landing_estimates.items()},
                  "config": self._config(), "pilot": None if self.pilot is None else self.pilot.state_dict()}
         if self.started:
             state.update({name: getattr(self, name) for name in self._TENSORS}, beta=self.beta, alpha=self.alpha)
@@ -629,12 +669,15 @@ class SequentialSampler:
             raise ValueError("state is not a SequentialSampler.state_dict()")
         saved = dict(state["config"])
         saved.setdefault("start_cutoff", max(saved.get("cutoffs", [0.0])))  # saved before start_cutoff existed
+        saved.setdefault("landing_moves", 0)  # ... before landing_moves existed
         if saved != self._config():
             raise ValueError(
                 f"the saved run had options {saved}, this one {self._config()}; resume with the same options"
             )
         for name in ("started", "evaluations", "seconds", "steps", "curve", "landed", "targets"):
             setattr(self, name, state[name])
+        self.landing_left = state.get("landing_left", 0)
+        self.landing_estimates = {c: [list(e) for e in v] for c, v in state.get("landing_estimates", {}).items()}
         self.generator.set_state(state["generator"])
         if self.pilot is not None:
             self.pilot.load_state_dict(state["pilot"])
@@ -649,4 +692,5 @@ class SequentialSampler:
                 "moves_per_step": self.moves_per_step, "target_cess": self.target_cess,
                 "target_acceptance": self.target_acceptance, "kernel": self.kernel,
                 "leapfrog_steps": self.leapfrog_steps if self.kernel == "hmc" else None,
-                "pilot_particles": self.pilot_particles, "start_cutoff": self.start_cutoff}
+                "pilot_particles": self.pilot_particles, "start_cutoff": self.start_cutoff,
+                "landing_moves": self.landing_moves}
