@@ -211,7 +211,8 @@ class SequentialSampler:
                 fn, anchor, cutoff=self.start_cutoff, sigma=sigma, curvature=curvature, scope=scope,
                 n_particles=self.pilot_particles, n_replicates=1, moves_per_step=1, target_cess=target_cess,
                 target_acceptance=self.target_acceptance, kernel=kernel, gradient=self.gradient,
-                leapfrog_steps=leapfrog_steps, seed=(self.seed + 1_000_003) % 2**64, batch_size=batch_size,
+                leapfrog_steps=leapfrog_steps, landing_moves=0,  # its landing is only fitted, never estimated
+                seed=(self.seed + 1_000_003) % 2**64, batch_size=batch_size,
             )
 
     # ----- the population ------------------------------------------------------------------------
