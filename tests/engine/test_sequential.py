@@ -79,12 +79,13 @@ def test_quartic_within_interval_of_the_exact_volume(kappa, kernel):
 
 def test_a_pilot_start_shortens_a_long_bridge_and_stays_exact_in_expectation():
     """A strong quartic on 60 flat directions: the bridge from the quadratic surrogate is long, so the
-    main run starts from the Gaussian fitted to the pilot's landing population."""
+    main run starts from the Gaussian fitted to the pilot's landing population. Without landing moves, whose
+    narrower interval would make this one seed's check of the start a check of the interval's width."""
     dim = 120
     lam, y0 = _problem(dim, seed=11)
     cost = _separable_cost(lam, y0, 2.0)
     truth = separable_log_volume(lam.numpy(), y0.numpy(), cutoff=0.5, quartic=2.0, sigma=1.0).log_volume
-    options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=100, seed=3)
+    options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=100, seed=3, landing_moves=0)
     sampler = SequentialSampler(cost, y0, pilot_particles=64, **options)
     result = sampler.run()
     plain = sequential_volume(cost, y0, **options)
@@ -95,6 +96,28 @@ def test_a_pilot_start_shortens_a_long_bridge_and_stays_exact_in_expectation():
     assert result.evaluations > sampler.pilot.evaluations > 0  # the pilot's evaluations are counted in the total
     _assert_near(result, truth, slack=0.05)
     _assert_near(plain, truth, slack=0.05)
+
+
+def test_landing_moves_average_the_last_step_down_and_stay_exact():
+    """On a quadratic the start is exact, so the error is the last step's alone: one importance step from the
+    tempered law to the cutoff (weights exp(beta C) 1{C <= c}, a few per cent effective). The landing moves
+    average it over 30 more populations: over 8 seeds the gaps' spread falls by more than half (measured on
+    40 seeds at N = 100: sd 0.115 without, 0.032 with; mean gaps -0.002 and -0.003; 38 and 39 of 40 covered)."""
+    lam, y0 = _problem(100, seed=21)
+    cost = _separable_cost(lam, y0, 0.0)
+    truth = quadratic_log_volume(lam.numpy(), y0.numpy(), cutoff=0.5, sigma=1.0, method="lugannani-rice").log_volume
+    gaps = {0: [], 30: []}
+    for seed in range(8):
+        for moves in gaps:
+            result = sequential_volume(cost, y0, cutoff=0.5, sigma=1.0, curvature=lam, n_particles=50, seed=seed,
+                                       landing_moves=moves)
+            gaps[moves].append(result.log_volume - truth)
+            if moves:
+                assert sum(s["phase"] == "landing" for s in result.steps) == 5  # 30 moves, 6 a step
+                _assert_near(result, truth, slack=0.01)
+    spread = {moves: float(torch.tensor(g).std()) for moves, g in gaps.items()}
+    assert spread[30] < 0.5 * spread[0], spread
+    assert abs(sum(gaps[30]) / 8) < 0.05
 
 
 def test_a_short_pilot_bridge_keeps_the_surrogate_start():
@@ -194,16 +217,23 @@ def test_same_seed_same_number_and_batch_size_independent():
     assert other.log_volumes != first.log_volumes
 
 
-@pytest.mark.parametrize("kernel, pilot, stop", [("hmc", 0, 3), ("pcn", 0, 3), ("hmc", 32, 2), ("hmc", 32, 30)])
+@pytest.mark.parametrize("kernel, pilot, stop",
+                         [("hmc", 0, 3), ("pcn", 0, 3), ("hmc", 32, 2), ("hmc", 32, 30), ("hmc", 0, "landing")])
 def test_checkpoint_resume_gives_the_uninterrupted_result(kernel, pilot, stop):
-    """Stopped after ``stop`` steps (with a pilot: inside the pilot, and after it)."""
+    """Stopped after ``stop`` steps (with a pilot: inside the pilot, and after it; or in the landing moves)."""
     lam, y0 = _problem(20, seed=8)
     cost = _separable_cost(lam, y0, 3.0 if pilot else 0.1)
     options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=64, seed=9, kernel=kernel, pilot_particles=pilot)
     whole = sequential_volume(cost, y0, **options)
     sampler = SequentialSampler(cost, y0, **options)
-    for _ in range(stop):
+    if stop == "landing":
+        while not sampler.landing_left:
+            sampler.advance()
         sampler.advance()
+        assert 0 < sampler.landing_left < sampler.landing_moves
+    else:
+        for _ in range(stop):
+            sampler.advance()
     state = sampler.state_dict()
     resumed = sequential_volume(cost, y0, state=state, **options)
     assert resumed.log_volumes == whole.log_volumes and resumed.evaluations == whole.evaluations
@@ -213,6 +243,9 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(kernel, pilot, stop):
         sequential_volume(cost, y0, state=state, **{**options, "start_cutoff": 5.0})
     older = {**state, "config": {k: v for k, v in state["config"].items() if k != "start_cutoff"}}
     assert sequential_volume(cost, y0, state=older, **options).log_volumes == whole.log_volumes  # saved before it
+    with pytest.raises(ValueError, match="same options"):  # a state saved before landing moves made none
+        sequential_volume(cost, y0, state={**state, "config": {k: v for k, v in state["config"].items()
+                                                               if k != "landing_moves"}}, **options)
 
 
 def test_evaluation_budget_is_respected():
@@ -257,7 +290,8 @@ def test_interval_arithmetic():
         (dict(kernel="gibbs"), ValueError), (dict(leapfrog_steps=0), ValueError), (dict(pilot_particles=1), ValueError),
         (dict(pilot_particles=-4), ValueError), (dict(gradient="autograd"), TypeError),
         (dict(start_cutoff=0.1), ValueError), (dict(start_cutoff="wide"), TypeError),
-        (dict(start_cutoff=5.0, scope="global"), ValueError),
+        (dict(start_cutoff=5.0, scope="global"), ValueError), (dict(landing_moves=-1), ValueError),
+        (dict(landing_moves=2.5), ValueError),
     ],
 )
 def test_bad_input_errors(change, error):
