@@ -120,6 +120,31 @@ def test_landing_moves_average_the_last_step_down_and_stay_exact():
     assert abs(sum(gaps[30]) / 8) < 0.05
 
 
+def test_a_scout_alone_chooses_the_steps_and_is_left_out_of_the_estimate():
+    lam, y0 = _problem(40, seed=2)
+    cost = _separable_cost(lam, y0, 0.5)
+    truth = separable_log_volume(lam.numpy(), y0.numpy(), cutoff=0.5, quartic=0.5, sigma=1.0).log_volume
+    options = dict(cutoff=0.5, sigma=1.0, curvature=lam, n_particles=100, seed=1, scout=True)
+    sampler = SequentialSampler(cost, y0, **options)
+    result = sampler.run()
+    assert sampler.log_w.shape[0] == 5 and len(result.replicate_log_volumes[0]) == 4 and result.config["scout"]
+    moves = [b["evaluations"] - a["evaluations"] for a, b in zip(result.steps, result.steps[1:])]
+    assert set(moves) == {6 * 10 * 5 * 100}  # the scout is moved with the replicates, and counted
+    _assert_near(result, truth, slack=0.05)
+    # the step is the scout's: replicates whose weights would collapse do not shorten it
+    increment = torch.zeros_like(sampler.cost)
+    increment[1:] = 50.0 * torch.randn(increment[1:].shape, generator=torch.Generator().manual_seed(0),
+                                        dtype=torch.float64)
+    assert sampler._cess(increment) == pytest.approx(1.0)
+    assert SequentialSampler(cost, y0, **{**options, "scout": False}).run().config["scout"] is False
+    # resumed in the middle, it gives the uninterrupted result
+    again = SequentialSampler(cost, y0, **options)
+    for _ in range(4):
+        again.advance()
+    resumed = sequential_volume(cost, y0, state=again.state_dict(), **options)
+    assert resumed.log_volumes == result.log_volumes
+
+
 def test_a_short_pilot_bridge_keeps_the_surrogate_start():
     lam, y0 = _problem(30, seed=12)
     sampler = SequentialSampler(_separable_cost(lam, y0, 0.0), y0, cutoff=0.5, sigma=1.0, curvature=lam,
@@ -291,7 +316,7 @@ def test_interval_arithmetic():
         (dict(pilot_particles=-4), ValueError), (dict(gradient="autograd"), TypeError),
         (dict(start_cutoff=0.1), ValueError), (dict(start_cutoff="wide"), TypeError),
         (dict(start_cutoff=5.0, scope="global"), ValueError), (dict(landing_moves=-1), ValueError),
-        (dict(landing_moves=2.5), ValueError),
+        (dict(landing_moves=2.5), ValueError), (dict(scout="yes"), TypeError),
     ],
 )
 def test_bad_input_errors(change, error):
