@@ -389,11 +389,7 @@ class SequentialSampler:
         if resampled:
             self._resample()
         acceptance = self._move()
-        self.steps.append({
-            "phase": phase, "beta": self.beta, "alpha": self.alpha, "cess": ess_before, "resampled": resampled,
-            "acceptance": acceptance, "move_size": self.move_size.tolist(), "mean_cost": self._mean_cost(),
-            "log_z": self.log_z.tolist(), "evaluations": self.evaluations,
-        })
+        self._log_step(phase, ess_before, resampled, acceptance)
         return True
 
     def _advance_landing(self) -> bool:
@@ -415,12 +411,15 @@ class SequentialSampler:
                                    self.landed[cutoff][1])
         if not self.landing_left:
             self.landing_estimates = {}
+        self._log_step("landing", 1.0, False, acceptance)
+        return True
+
+    def _log_step(self, phase: str, cess: float, resampled: bool, acceptance: float) -> None:
         self.steps.append({
-            "phase": "landing", "beta": self.beta, "alpha": self.alpha, "cess": 1.0, "resampled": False,
+            "phase": phase, "beta": self.beta, "alpha": self.alpha, "cess": cess, "resampled": resampled,
             "acceptance": acceptance, "move_size": self.move_size.tolist(), "mean_cost": self._mean_cost(),
             "log_z": self.log_z.tolist(), "evaluations": self.evaluations,
         })
-        return True
 
     def _advance_pilot(self) -> bool:
         """One step of the pilot run; its evaluations count as this run's. Its steps are recorded with
