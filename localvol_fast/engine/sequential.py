@@ -441,8 +441,8 @@ class SequentialSampler:
         return True
 
     def _cess(self, increment: torch.Tensor) -> float:
-        """min over replicates of the conditional ESS fraction (sum w e^a)^2 / sum w e^(2a) of log
-        increments a (R, N) under the current normalized weights."""
+        """min over the steering populations (the scout, or every replicate) of the conditional ESS fraction
+        (sum w e^a)^2 / sum w e^(2a) of log increments a (populations, N) under the current normalized weights."""
         a = self.log_w + torch.nan_to_num(increment, nan=-math.inf)
         cess = torch.exp(2 * torch.logsumexp(a, 1) - torch.logsumexp(self.log_w + 2 * increment, 1))
         return float(self._steering(torch.nan_to_num(cess, nan=0.0)).min())
